@@ -1,0 +1,22 @@
+"""Visual-token compression for stock transformers LLaVA models.
+
+`compress(model, method=..., tokens=..., layer=...)` attaches a registered method (see `METHODS`); adding a
+method is one small file with a `@register_method("name")` dataclass.
+"""
+
+from epic.compression import methods
+from epic.compression.engine import Budget, Compression, compress
+from epic.compression.registry import METHODS, CompressionMethod, build_method, register_method
+from epic.compression.selection import ImageSelection
+
+__all__ = [
+    "METHODS",
+    "Budget",
+    "Compression",
+    "CompressionMethod",
+    "ImageSelection",
+    "build_method",
+    "compress",
+    "methods",
+    "register_method",
+]

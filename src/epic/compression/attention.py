@@ -1,0 +1,72 @@
+"""A registered attention function through which the engine reads the queries and keys of layer K-1.
+
+Only layer K-1's attention module is routed here (through a private copy of its config); the function
+hands the post-RoPE queries and keys to a capture callback and then runs the model's own attention
+implementation (eager, sdpa or flash) unchanged, so no L x L attention map is ever built for scoring.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+SCORING_ATTENTION = "epic_scoring"
+
+Capture = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class ScoringCall:
+    """Passed to layer K-1 as the keyword `epic_scoring`.
+
+    Attributes:
+        config: the model's own text config (names the real attention implementation).
+        eager: the model family's eager attention function (used when that implementation is "eager").
+        capture: called with (module, query [B, H, L, hd], key [B, kv_heads, L, hd]) or None to skip.
+    """
+
+    config: PreTrainedConfig
+    eager: Callable
+    capture: Capture | None
+
+
+def scoring_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    epic_scoring: ScoringCall,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Capture (query, key), then run the model's real attention implementation with its real config."""
+    if epic_scoring.capture is not None:
+        epic_scoring.capture(module, query, key)
+    implementation = epic_scoring.config._attn_implementation
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, epic_scoring.eager)
+    routed_config = module.config
+    module.config = epic_scoring.config  # flash attention reads the implementation name from the module
+    try:
+        return attention(module, query, key, value, attention_mask, **kwargs)
+    finally:
+        module.config = routed_config
+
+
+def ensure_registered() -> None:
+    """Register `scoring_attention` with transformers once (a stateless function; idempotent)."""
+    if SCORING_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(SCORING_ATTENTION, scoring_attention)
+
+
+def routed_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """A shallow copy of `config` whose attention implementation is `scoring_attention`."""
+    routed = copy.copy(config)
+    routed._attn_implementation_internal = SCORING_ATTENTION
+    return routed

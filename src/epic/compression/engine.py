@@ -1,0 +1,575 @@
+"""Attach visual-token compression to a stock transformers LLaVA model, from outside.
+
+Layers 0..K-1 see every token; layers K..L-1 see the text tokens plus the kept visual tokens. Nothing of
+the modeling code is copied:
+
+- a forward pre-hook on the LLaVA model reads the batch: image-token positions per row (from
+  `input_ids == image_token_id`), where the prompt ends, the 2D padding mask and the labels (which it
+  holds back); a forward hook then computes the loss over the kept sequence with the model's own loss;
+- layer K-1's attention module is routed through a registered attention function that reads its queries
+  and keys: the attention row of the last prompt token (FastV) and the key norms (DART), one row only;
+- a forward pre-hook on layer K picks the kept tokens and gathers the hidden states; pre-hooks on every
+  layer >= K swap in the gathered position ids, rotary (cos, sin) and an attention mask rebuilt with
+  transformers' own mask functions for the shorter sequence (or, when decoding, the shorter KV cache).
+
+Kept rows are left-filled to a common length, so the last position of every row is still the last input
+position (what `generate` reads). Every per-forward plan is keyed by that forward's rotary tensor, so
+gradient checkpointing recomputes layers with exactly the same selection.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from epic.compression.attention import ScoringCall, ensure_registered, routed_config
+from epic.compression.registry import CompressionMethod, build_method
+from epic.compression.selection import ImageSelection
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Kept visual tokens per image: an exact count, or a ratio r meaning `round(N * (1 - r))`."""
+
+    tokens: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tokens is None) == (self.ratio is None):
+            raise ValueError(f"give exactly one of tokens= or ratio= (got tokens={self.tokens}, ratio={self.ratio})")
+        if self.tokens is not None and (isinstance(self.tokens, bool) or self.tokens < 0):
+            raise ValueError(f"tokens must be a non-negative integer, got {self.tokens!r}")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must lie in [0, 1), got {self.ratio!r}")
+
+    def resolve(self, image_tokens: int) -> int:
+        """The exact number of tokens to keep from an image of `image_tokens` visual tokens."""
+        tokens = self.tokens if self.tokens is not None else round(image_tokens * (1.0 - self.ratio))
+        if tokens > image_tokens:
+            raise ValueError(
+                f"budget of {tokens} visual tokens is larger than the image ({image_tokens} visual tokens)"
+            )
+        return tokens
+
+
+@dataclass
+class _Batch:
+    """What the model-level pre-hook learned about one prefill / training forward."""
+
+    attention_mask: torch.Tensor  # [B, L] bool, True at real tokens
+    image_mask: torch.Tensor  # [B, L] bool, True at image tokens
+    images: list[list[torch.Tensor]]  # per row, per image: its input positions
+    prompt_last: torch.Tensor  # [B] index of the last prompt token
+    text_positions: list[torch.Tensor]  # per row: prompt text positions
+    labels: torch.Tensor | None  # [B, L], held back from the model
+    loss_kwargs: dict[str, Any]
+    attention: torch.Tensor | None = None  # [B, L] from layer K-1
+    key_norms: torch.Tensor | None = None  # [B, L] from layer K-1
+    kept: list[list[torch.Tensor]] = field(default_factory=list)  # per row, per image: kept positions
+    plan: _Plan | None = None
+
+
+@dataclass
+class _Plan:
+    """How one forward runs from layer K on: which positions survive and the per-layer inputs."""
+
+    gather_index: torch.Tensor | None  # [B, L'] input position of each slot (None when decoding)
+    valid: torch.Tensor | None  # [B, L'] False at filler slots
+    attention_mask: torch.Tensor  # [B, kv'] 2D mask for the compressed layers
+    position_ids: torch.Tensor | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    mask_inputs: dict[str, Any]
+    masks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _CacheRecord:
+    """What decoding needs from the prefill that filled a KV cache."""
+
+    cache: weakref.ReferenceType
+    attention_mask: torch.Tensor | None  # [B, L'] kept 2D mask; None when the prefill had no image
+    original_length: int
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", None)
+    language_model = getattr(inner, "language_model", None)
+    config = getattr(model, "config", None)
+    if (
+        language_model is None
+        or getattr(config, "image_token_id", None) is None
+        or not hasattr(language_model, "layers")
+        or not hasattr(model, "lm_head")
+    ):
+        raise TypeError(
+            f"epic.compress needs a LLaVA-family model (e.g. LlavaForConditionalGeneration) with "
+            f"`model.language_model.layers` and `config.image_token_id`; got {type(model).__name__}"
+        )
+    return language_model
+
+
+def _last_true(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True per row of a [B, L] bool tensor."""
+    length = mask.shape[1]
+    return length - 1 - mask.flip(1).int().argmax(dim=1)
+
+
+class Compression:
+    """A live compression attached to a model; use as a context manager or call `remove()`.
+
+    Attributes (after a forward with images):
+        kept: per row, the input positions of the visual tokens kept past `layer` (sorted LongTensor).
+        original_positions: [B, L'] input position of each slot of the compressed sequence (-1 at filler).
+        tokens_per_image: visual tokens per image seen in the last forward.
+        scoring_seconds: wall time spent scoring and selecting (synchronised on GPU when `profile=True`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str | CompressionMethod,
+        budget: Budget,
+        layer: int,
+        seed: int,
+        profile: bool,
+        options: dict[str, Any],
+    ) -> None:
+        self.model = model
+        self.language_model = _language_model(model)
+        self.text_config = model.config.text_config
+        layers = self.language_model.layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < len(layers):
+            raise ValueError(
+                f"compression layer must be an integer in [1, {len(layers) - 1}] for a model with "
+                f"{len(layers)} decoder layers; got {layer!r}"
+            )
+        if isinstance(method, str):
+            self.method = build_method(method, **options)
+        elif options:
+            raise ValueError(f"method options {sorted(options)} only apply when the method is given by name")
+        else:
+            self.method = method
+        self.budget = budget
+        self.layer = layer
+        self.profile = profile
+        self.image_token_id = model.config.image_token_id
+        self.generator = torch.Generator().manual_seed(seed)
+        self.kept: list[torch.Tensor] | None = None
+        self.original_positions: torch.Tensor | None = None
+        self.tokens_per_image: int | None = None
+        self.scoring_seconds = 0.0
+
+        self._signature = inspect.signature(model.forward)
+        self._layer_types = [self._attention_type(i) for i in range(len(layers))]
+        self._batch: _Batch | None = None
+        self._decoding = False
+        self._decode_mask: torch.Tensor | None = None
+        self._plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # rotary cos of a forward -> _Plan
+        self._cache_record: _CacheRecord | None = None
+        self._handles: list[RemovableHandle] = []
+
+        self._check_budget_against_config()
+        ensure_registered()
+        scoring_module = layers[layer - 1].self_attn
+        self._scoring_module = scoring_module
+        self._original_config = scoring_module.config
+        self._eager = inspect.getmodule(type(scoring_module)).eager_attention_forward
+        scoring_module.config = routed_config(self._original_config)
+        self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._after_model, with_kwargs=True))
+        self._handles.append(layers[layer - 1].register_forward_pre_hook(self._before_scoring_layer, with_kwargs=True))
+        for index in range(layer, len(layers)):
+            hook = self._layer_pre_hook(index)
+            self._handles.append(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+
+    # ----------------------------------------------------------------------------------------- life cycle
+    def remove(self) -> None:
+        """Detach every hook and restore the stock model exactly (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._scoring_module.config = self._original_config
+        self._plans = WeakIdKeyDictionary()
+        self._batch = None
+        self._cache_record = None
+
+    def __enter__(self) -> Compression:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    # ----------------------------------------------------------------------------------------- validation
+    def _check_budget_against_config(self) -> None:
+        """Fail at attach time when the vision config already tells the budget cannot fit."""
+        vision = getattr(self.model.config, "vision_config", None)
+        image_size, patch_size = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+        if not isinstance(image_size, int) or not isinstance(patch_size, int):
+            return
+        tokens = (image_size // patch_size) ** 2
+        if getattr(self.model.config, "vision_feature_select_strategy", "default") == "full":
+            tokens += 1
+        self.budget.resolve(tokens)
+
+    def _attention_type(self, index: int) -> str:
+        layer_types = getattr(self.text_config, "layer_types", None)
+        if layer_types is not None:
+            return layer_types[index]
+        return "sliding_attention" if getattr(self.text_config, "sliding_window", None) else "full_attention"
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        sync = self.profile and torch.cuda.is_available()
+        if sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if sync:
+            torch.cuda.synchronize()
+        self.scoring_seconds += time.perf_counter() - start
+
+    # ----------------------------------------------------------------------------------------- model hooks
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        inputs = {**bound.pop("kwargs", {}), **bound}
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError("epic.compress needs input_ids to find the image tokens (got inputs_embeds only)")
+        image_mask = input_ids == self.image_token_id
+        cache = inputs.get("past_key_values")
+        self._batch = None
+        self._decoding = cache is not None and cache.get_seq_length() > 0
+        if self._decoding:
+            self._check_decoding(cache, image_mask)
+            self._decode_mask = inputs.get("attention_mask")
+            return (), inputs
+        if not image_mask.any():
+            self._cache_record = None
+            return (), inputs
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"epic.compress needs a 2D attention mask (got {attention_mask.dim()}D); static or "
+                "compiled caches are not supported, use the default dynamic cache"
+            )
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        labels = inputs.pop("labels", None)
+        loss_kwargs = {key: inputs[key] for key in ("num_items_in_batch",) if key in inputs}
+        self._batch = self._read_batch(inputs, image_mask, valid, labels, loss_kwargs)
+        return (), inputs
+
+    def _check_decoding(self, cache: Any, image_mask: torch.Tensor) -> None:
+        record = self._cache_record
+        if record is None or record.cache() is not cache:
+            raise ValueError(
+                "this KV cache was not filled by a prefill under this compression; run the prefill "
+                "(or generate) inside the same epic.compress block"
+            )
+        if image_mask.any():
+            raise ValueError("continuing a compressed KV cache with new image tokens is not supported")
+
+    def _read_batch(
+        self,
+        inputs: dict[str, Any],
+        image_mask: torch.Tensor,
+        valid: torch.Tensor,
+        labels: torch.Tensor | None,
+        loss_kwargs: dict[str, Any],
+    ) -> _Batch:
+        """Find images per row, the end of each prompt and its text tokens."""
+        batch_size, length = image_mask.shape
+        n_images = self._count_images(inputs)
+        total = int(image_mask.sum())
+        if n_images == 0 or total % n_images:
+            raise ValueError(
+                f"input_ids hold {total} image tokens for {n_images} image(s): the image-token count does "
+                "not match the images"
+            )
+        per_image = total // n_images
+        self.tokens_per_image = per_image
+        self.budget.resolve(per_image)
+
+        if labels is not None:
+            supervised = labels != IGNORE_INDEX
+            prompt_end = torch.where(
+                supervised.any(dim=1), supervised.int().argmax(dim=1), _last_true(valid) + 1
+            )
+        else:
+            prompt_end = _last_true(valid) + 1
+        prompt_last = prompt_end - 1
+        positions = torch.arange(length, device=image_mask.device)
+        images, text_positions = [], []
+        for row in range(batch_size):
+            if not valid[row].any() or prompt_last[row] < 0:
+                raise ValueError(f"row {row} has no prompt (no real token before its first supervised label)")
+            row_images = image_mask[row].nonzero().squeeze(1)
+            if row_images.numel() % per_image:
+                raise ValueError(
+                    f"row {row} holds {row_images.numel()} image tokens, not a multiple of the "
+                    f"{per_image} tokens per image"
+                )
+            if row_images.numel() and row_images.max() > prompt_last[row]:
+                raise ValueError(
+                    f"row {row} has image tokens after its first supervised label; images must sit in the prompt"
+                )
+            images.append(list(row_images.split(per_image)) if row_images.numel() else [])
+            in_prompt = valid[row] & ~image_mask[row] & (positions <= prompt_last[row])
+            text_positions.append(in_prompt.nonzero().squeeze(1))
+        return _Batch(valid, image_mask, images, prompt_last, text_positions, labels, loss_kwargs)
+
+    @staticmethod
+    def _count_images(inputs: dict[str, Any]) -> int:
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None:
+            if pixel_values.dim() != 4:
+                raise ValueError(
+                    f"epic.compress supports one [3, H, W] tensor per image (pixel_values of shape "
+                    f"[images, 3, H, W]); got shape {tuple(pixel_values.shape)}"
+                )
+            return pixel_values.shape[0]
+        encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:
+            return len(encoded.pooler_output)
+        raise ValueError("input_ids contain image tokens but neither pixel_values nor mm_encoder_outputs were given")
+
+    def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        batch, self._batch = self._batch, None
+        if self._decoding:
+            return output
+        cache = getattr(output, "past_key_values", None)
+        if batch is None:
+            if cache is not None:
+                self._cache_record = _CacheRecord(weakref.ref(cache), None, 0)
+            return output
+        plan = batch.plan
+        if plan is None:
+            raise RuntimeError("the compression layer never ran: was the language model called?")
+        self.original_positions = torch.where(plan.valid, plan.gather_index, -1)
+        self.kept = [
+            torch.cat(row).sort().values if row else torch.empty(0, dtype=torch.long) for row in batch.kept
+        ]
+        if cache is not None:
+            self._cache_record = _CacheRecord(weakref.ref(cache), plan.attention_mask, batch.image_mask.shape[1])
+        if batch.labels is None:
+            return output
+        labels = torch.where(plan.valid, batch.labels.gather(1, plan.gather_index), IGNORE_INDEX)
+        loss = module.loss_function(
+            logits=output.logits, labels=labels, vocab_size=self.text_config.vocab_size, **batch.loss_kwargs
+        )
+        if isinstance(output, tuple):
+            return (loss, *output)
+        return type(output)(loss=loss, **{key: value for key, value in output.items() if key != "loss"})
+
+    # ----------------------------------------------------------------------------------------- layer hooks
+    def _before_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        batch = self._batch
+        rotary = kwargs["position_embeddings"][0]
+        capture = None
+        if batch is not None and not self._decoding and rotary not in self._plans:
+            capture = self._capture_for(batch)
+        kwargs = {**kwargs, "epic_scoring": ScoringCall(self._original_config, self._eager, capture)}
+        return args, kwargs
+
+    def _capture_for(self, batch: _Batch) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], None]:
+        def capture(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
+            with torch.no_grad(), self._timed():
+                batch.attention, batch.key_norms = self._score(module, query, key, batch)
+
+        return capture
+
+    @staticmethod
+    def _score(
+        module: nn.Module, query: torch.Tensor, key: torch.Tensor, batch: _Batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention row of each row's last prompt token (head-averaged) and key L1 norms, both [B, L]."""
+        batch_size, heads, length, head_dim = query.shape
+        kv_heads = key.shape[1]
+        if key.shape[2] != length:
+            raise RuntimeError(f"scoring expects a fresh prefill: {length} queries but {key.shape[2]} keys")
+        last = batch.prompt_last.to(query.device)
+        rows = torch.arange(batch_size, device=query.device)
+        query_last = query[rows, :, last].float().view(batch_size, kv_heads, heads // kv_heads, head_dim)
+        logits = torch.einsum("bgrd,bgld->bgrl", query_last, key.float()) * module.scaling  # [B, g, r, L]
+        positions = torch.arange(length, device=query.device)
+        allowed = batch.attention_mask.to(query.device) & (positions[None, :] <= last[:, None])  # [B, L]
+        logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
+        attention = logits.softmax(dim=-1).mean(dim=(1, 2))  # [B, L]
+        key_norms = key.float().abs().sum(dim=(1, 3))  # [B, L]
+        return attention, key_norms
+
+    def _layer_pre_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            return self._before_compressed_layer(index, args, kwargs)
+
+        return hook
+
+    def _before_compressed_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if args:
+            hidden_states, args = args[0], args[1:]
+        else:
+            kwargs = dict(kwargs)
+            hidden_states = kwargs.pop("hidden_states")
+        rotary = kwargs["position_embeddings"][0]
+        plan = self._plans.get(rotary)
+        if plan is None:
+            if index != self.layer:
+                return None  # a forward without images: nothing was compressed
+            plan = self._new_plan(hidden_states, kwargs)
+            if plan is None:
+                return None
+            self._plans[rotary] = plan
+        if plan.gather_index is not None and index == self.layer:
+            hidden_states = hidden_states.gather(
+                1, plan.gather_index[..., None].expand(-1, -1, hidden_states.shape[-1])
+            )
+        kwargs = {**kwargs, "attention_mask": self._mask(plan, index, hidden_states)}
+        if plan.position_ids is not None:
+            kwargs["position_ids"] = plan.position_ids
+            kwargs["position_embeddings"] = plan.position_embeddings
+        return (hidden_states, *args), kwargs
+
+    def _new_plan(self, hidden_states: torch.Tensor, kwargs: dict) -> _Plan | None:
+        cache = kwargs.get("past_key_values")
+        if self._decoding:
+            record = self._cache_record
+            if record.attention_mask is None:
+                return None  # the prefill had no image: layers >= K hold the full cache
+            query_length = hidden_states.shape[1]
+            mask = self._decode_mask
+            if mask is None:
+                full_length = cache.get_seq_length() + query_length
+                mask = torch.ones(hidden_states.shape[0], full_length, dtype=torch.bool, device=hidden_states.device)
+            new_part = mask[:, record.original_length :].bool()
+            attention_mask = torch.cat([record.attention_mask, new_part], dim=1)
+            expected = cache.get_seq_length(self.layer) + query_length
+            if attention_mask.shape[1] != expected:
+                raise RuntimeError(
+                    f"compressed cache holds {cache.get_seq_length(self.layer)} positions at layer {self.layer} "
+                    f"but the attention mask implies {attention_mask.shape[1] - query_length}"
+                )
+            mask_inputs = {"past_key_values": cache, "position_ids": kwargs.get("position_ids")}
+            return _Plan(None, None, attention_mask, None, None, mask_inputs)
+        batch = self._batch
+        if batch is None:
+            return None
+        if batch.attention is None:
+            raise RuntimeError(f"layer {self.layer - 1} was not scored before layer {self.layer}")
+        with torch.no_grad(), self._timed():
+            keep = self._select(batch, hidden_states)  # [B, L] bool
+        length = keep.shape[1]
+        kept_length = int(keep.sum(dim=1).max())
+        order = torch.argsort(keep.int(), dim=1, stable=True)  # dropped first, kept in input order last
+        gather_index = order[:, length - kept_length :]
+        valid = keep.gather(1, gather_index)
+        attention_mask = valid & batch.attention_mask.gather(1, gather_index)
+        batch_size = keep.shape[0]
+        position_ids = kwargs["position_ids"].expand(batch_size, -1).gather(1, gather_index)
+        cos, sin = kwargs["position_embeddings"]
+        rotary_index = gather_index[..., None].expand(-1, -1, cos.shape[-1])
+        position_embeddings = (
+            cos.expand(batch_size, -1, -1).gather(1, rotary_index),
+            sin.expand(batch_size, -1, -1).gather(1, rotary_index),
+        )
+        mask_inputs = {"past_key_values": cache, "position_ids": position_ids}
+        plan = _Plan(gather_index, valid, attention_mask, position_ids, position_embeddings, mask_inputs)
+        batch.plan = plan
+        return plan
+
+    def _select(self, batch: _Batch, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Run the method on every image of every row; return the [B, L] mask of surviving positions."""
+        features = None
+        if self.method.needs_features:
+            features = self.language_model.norm(hidden_states)
+        keep = ~batch.image_mask.to(hidden_states.device)
+        batch.kept = []
+        for row, images in enumerate(batch.images):
+            last = batch.prompt_last[row]
+            row_kept = []
+            for positions in images:
+                positions = positions.to(hidden_states.device)
+                forced = positions[positions == last]
+                candidates = positions[positions != last]
+                budget = max(self.budget.resolve(positions.numel()) - forced.numel(), 0)
+                chosen = self.method.select(
+                    ImageSelection(
+                        positions=candidates,
+                        budget=budget,
+                        text_positions=batch.text_positions[row].to(hidden_states.device),
+                        attention=batch.attention[row],
+                        key_norms=batch.key_norms[row],
+                        features=None if features is None else features[row],
+                        generator=self.generator,
+                    )
+                )
+                self._check_choice(chosen, candidates, budget)
+                row_kept.append(torch.cat([forced, chosen]))
+            if row_kept:
+                keep[row, torch.cat(row_kept)] = True
+            batch.kept.append([kept.cpu() for kept in row_kept])
+        return keep
+
+    def _check_choice(self, chosen: torch.Tensor, candidates: torch.Tensor, budget: int) -> None:
+        name = type(self.method).__name__
+        if chosen.numel() != budget or chosen.unique().numel() != budget:
+            raise RuntimeError(f"{name} returned {chosen.numel()} positions ({chosen.unique().numel()} distinct), budget {budget}")
+        if not torch.isin(chosen, candidates).all():
+            raise RuntimeError(f"{name} returned positions that are not visual tokens of the image")
+
+    def _mask(self, plan: _Plan, index: int, hidden_states: torch.Tensor) -> Any:
+        """The attention mask for layer `index` over the compressed sequence, built once per type."""
+        kind = self._layer_types[index]
+        if kind not in plan.masks:
+            implementation = self.text_config._attn_implementation or "eager"
+            if "flash" in implementation:
+                plan.masks[kind] = plan.attention_mask
+            else:
+                make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+                plan.masks[kind] = make(
+                    config=self.text_config,
+                    inputs_embeds=hidden_states,
+                    attention_mask=plan.attention_mask,
+                    layer_idx=self.layer,
+                    **plan.mask_inputs,
+                )
+        return plan.masks[kind]
+
+
+def compress(
+    model: nn.Module,
+    method: str | CompressionMethod = "dart",
+    *,
+    tokens: int | None = None,
+    ratio: float | None = None,
+    layer: int = 2,
+    seed: int = 0,
+    profile: bool = False,
+    **options: Any,
+) -> Compression:
+    """Compress the visual tokens of `model` before decoder layer `layer`.
+
+    Args:
+        model: a transformers LLaVA-family model (`LlavaForConditionalGeneration`).
+        method: a registered method name (see `epic.compression.METHODS`) or a method instance.
+        tokens: exact number of visual tokens kept per image; or
+        ratio: fraction dropped, meaning `tokens = round(N * (1 - ratio))` for an image of N tokens.
+        layer: K, the first decoder layer that sees the compressed sequence (1 <= K < num_layers).
+        seed: seeds the generator of methods that draw at random.
+        profile: synchronise the GPU around scoring so `scoring_seconds` is exact.
+        **options: the method's options, e.g. `pivots_image=4, pivots_text=4` for DART.
+
+    Returns a `Compression` handle: a context manager, or call `.remove()` to detach it.
+    """
+    return Compression(model, method, Budget(tokens=tokens, ratio=ratio), layer, seed, profile, options)

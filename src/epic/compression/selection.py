@@ -1,0 +1,35 @@
+"""What a compression method sees for one image of one row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ImageSelection:
+    """Inputs for choosing the kept visual tokens of one image.
+
+    Everything here is computed from the prompt only (the tokens before the first supervised label in
+    training; the non-padding input at inference), so answers and padding never influence the choice.
+
+    Attributes:
+        positions: [n] input positions of this image's candidate visual tokens.
+        budget: how many of them to keep (0 <= budget <= n).
+        text_positions: [t] input positions of the prompt's text tokens.
+        attention: [L] attention paid to every position by the last prompt token at layer K-1, averaged
+            over heads (fp32; zero outside the prompt).
+        key_norms: [L] L1 norm of every position's key states at layer K-1 (fp32).
+        features: [L, d] hidden states entering layer K after the model's final norm, or None when the
+            method does not ask for them.
+        generator: a seeded CPU generator for methods that draw at random.
+    """
+
+    positions: torch.Tensor
+    budget: int
+    text_positions: torch.Tensor
+    attention: torch.Tensor
+    key_norms: torch.Tensor
+    features: torch.Tensor | None
+    generator: torch.Generator

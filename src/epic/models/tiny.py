@@ -1,0 +1,108 @@
+"""Tiny LLaVA models built from configs with random weights.
+
+Tests, benchmarks and the demo use them: nothing is downloaded, and any text family that transformers'
+`LlavaForConditionalGeneration` accepts can be built at any size (including LLaVA-1.5-7B shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+    Qwen2Config,
+)
+
+TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+
+
+@dataclass(frozen=True)
+class TinyLlavaSpec:
+    """Shape of a LLaVA model: a CLIP vision tower, a 2-layer MLP projector and a decoder-only LLM.
+
+    The number of visual tokens per image is `(image_size // patch_size) ** 2` (CLS dropped, LLaVA's
+    "default" feature strategy).
+    """
+
+    text_model: str = "llama"
+    vocab_size: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    image_size: int = 48
+    patch_size: int = 6
+    vision_hidden_size: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    max_position_embeddings: int = 4096
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def image_token_id(self) -> int:
+        return self.vocab_size - 1
+
+
+def tiny_llava_config(spec: TinyLlavaSpec, attn_implementation: str = "sdpa") -> LlavaConfig:
+    """A `LlavaConfig` for `spec`; the image token is the last id of the vocabulary, padding is id 0."""
+    if spec.text_model not in TEXT_CONFIGS:
+        raise ValueError(f"unknown text model {spec.text_model!r}; choose one of {sorted(TEXT_CONFIGS)}")
+    text_config = TEXT_CONFIGS[spec.text_model](
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_hidden_size * 2,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden_size,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=spec.image_token_id,
+        image_seq_length=spec.image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def build_tiny_llava(
+    spec: TinyLlavaSpec | None = None,
+    *,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+) -> LlavaForConditionalGeneration:
+    """Build a LLaVA model with random weights drawn from `seed` (the global RNG is left untouched)."""
+    spec = spec or TinyLlavaSpec()
+    config = tiny_llava_config(spec, attn_implementation)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    return model.to(dtype).eval()

@@ -254,9 +254,20 @@ class Compression:
         self._decoding = cache is not None and cache.get_seq_length() > 0
         if self._decoding:
             self._check_decoding(cache, image_mask)
-            self._decode_mask = inputs.get("attention_mask")
+            mask = inputs.get("attention_mask")
+            if mask is None:
+                mask = torch.ones(
+                    input_ids.shape[0],
+                    cache.get_seq_length() + input_ids.shape[1],
+                    dtype=torch.bool,
+                    device=input_ids.device,
+                )
+            self._decode_mask = mask
             return (), inputs
         if not image_mask.any():
+            batch_size, length = input_ids.shape
+            self.kept = [torch.empty(0, dtype=torch.long) for _ in range(batch_size)]
+            self.original_positions = torch.arange(length, device=input_ids.device).expand(batch_size, -1)
             self._cache_record = None
             return (), inputs
         attention_mask = inputs.get("attention_mask")
@@ -304,9 +315,7 @@ class Compression:
 
         if labels is not None:
             supervised = labels != IGNORE_INDEX
-            prompt_end = torch.where(
-                supervised.any(dim=1), supervised.int().argmax(dim=1), _last_true(valid) + 1
-            )
+            prompt_end = torch.where(supervised.any(dim=1), supervised.int().argmax(dim=1), _last_true(valid) + 1)
         else:
             prompt_end = _last_true(valid) + 1
         prompt_last = prompt_end - 1
@@ -358,9 +367,7 @@ class Compression:
         if plan is None:
             raise RuntimeError("the compression layer never ran: was the language model called?")
         self.original_positions = torch.where(plan.valid, plan.gather_index, -1)
-        self.kept = [
-            torch.cat(row).sort().values if row else torch.empty(0, dtype=torch.long) for row in batch.kept
-        ]
+        self.kept = [torch.cat(row).sort().values if row else torch.empty(0, dtype=torch.long) for row in batch.kept]
         if cache is not None:
             self._cache_record = _CacheRecord(weakref.ref(cache), plan.attention_mask, batch.image_mask.shape[1])
         if batch.labels is None:
@@ -448,11 +455,7 @@ class Compression:
             if record.attention_mask is None:
                 return None  # the prefill had no image: layers >= K hold the full cache
             query_length = hidden_states.shape[1]
-            mask = self._decode_mask
-            if mask is None:
-                full_length = cache.get_seq_length() + query_length
-                mask = torch.ones(hidden_states.shape[0], full_length, dtype=torch.bool, device=hidden_states.device)
-            new_part = mask[:, record.original_length :].bool()
+            new_part = self._decode_mask[:, record.original_length :].bool()
             attention_mask = torch.cat([record.attention_mask, new_part], dim=1)
             expected = cache.get_seq_length(self.layer) + query_length
             if attention_mask.shape[1] != expected:
@@ -524,7 +527,9 @@ class Compression:
     def _check_choice(self, chosen: torch.Tensor, candidates: torch.Tensor, budget: int) -> None:
         name = type(self.method).__name__
         if chosen.numel() != budget or chosen.unique().numel() != budget:
-            raise RuntimeError(f"{name} returned {chosen.numel()} positions ({chosen.unique().numel()} distinct), budget {budget}")
+            raise RuntimeError(
+                f"{name} returned {chosen.numel()} positions ({chosen.unique().numel()} distinct), budget {budget}"
+            )
         if not torch.isin(chosen, candidates).all():
             raise RuntimeError(f"{name} returned positions that are not visual tokens of the image")
 

@@ -35,8 +35,7 @@ class Dart:
     def __post_init__(self) -> None:
         if self.pivots_image < 0 or self.pivots_text < 0 or self.pivots_image + self.pivots_text == 0:
             raise ValueError(
-                f"DART needs at least one pivot; got pivots_image={self.pivots_image}, "
-                f"pivots_text={self.pivots_text}"
+                f"DART needs at least one pivot; got pivots_image={self.pivots_image}, pivots_text={self.pivots_text}"
             )
 
     def select(self, image: ImageSelection) -> torch.Tensor:

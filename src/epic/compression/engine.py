@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager_attention
 
 from epic.compression.attention import ScoringCall, ensure_registered, routed_config
 from epic.compression.registry import CompressionMethod, build_method
@@ -186,7 +187,7 @@ class Compression:
         scoring_module = layers[layer - 1].self_attn
         self._scoring_module = scoring_module
         self._original_config = scoring_module.config
-        self._eager = inspect.getmodule(type(scoring_module)).eager_attention_forward
+        self._eager = getattr(inspect.getmodule(type(scoring_module)), "eager_attention_forward", llama_eager_attention)
         scoring_module.config = routed_config(self._original_config)
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model, with_kwargs=True))
@@ -373,8 +374,9 @@ class Compression:
         if batch.labels is None:
             return output
         labels = torch.where(plan.valid, batch.labels.gather(1, plan.gather_index), IGNORE_INDEX)
+        logits = output[0] if isinstance(output, tuple) else output.logits
         loss = module.loss_function(
-            logits=output.logits, labels=labels, vocab_size=self.text_config.vocab_size, **batch.loss_kwargs
+            logits=logits, labels=labels, vocab_size=self.text_config.vocab_size, **batch.loss_kwargs
         )
         if isinstance(output, tuple):
             return (loss, *output)

@@ -1,0 +1,164 @@
+"""Prefill time under visual-token compression, next to the FLOPs ideal, measured in one run.
+
+For every method and budget the compressed prefill and the uncompressed prefill are timed alternately (so drift
+of the machine hits both alike); the reported time ratio is median(compressed) / median(uncompressed). The FLOPs
+ratio is the decoder's, by the formula of SPEC section 4; "efficiency" is the measured speedup as a share of the
+ideal one (FLOPs ratio / time ratio; 1.0 means every saved FLOP became saved time); "scoring" is the time spent
+scoring and selecting as a share of prefill.
+
+    OMP_NUM_THREADS=1 python benchmarks/prefill.py                 # CPU, tiny-but-wide model, 576 visual tokens
+    python benchmarks/prefill.py --preset llava-7b --device cuda --dtype bfloat16 --attn sdpa
+
+Targets at 64 tokens: efficiency >= 0.8 and scoring < 3% of prefill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+import epic
+from epic.eval.cost import DecoderShape, prefill_macs
+from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
+
+PRESETS = {
+    # a decoder wide enough that matrix products dominate, small enough for one CPU thread
+    "cpu-wide": TinyLlavaSpec(
+        vocab_size=1024,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_layers=8,
+        num_heads=16,
+        num_kv_heads=16,
+        image_size=336,
+        patch_size=14,
+        vision_hidden_size=32,
+        vision_layers=1,
+        vision_heads=2,
+    ),
+    # LLaVA-1.5-7B decoder shapes (Vicuna-7B) with a tiny vision tower: random weights, no download
+    "llava-7b": TinyLlavaSpec(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        image_size=336,
+        patch_size=14,
+        vision_hidden_size=64,
+        vision_layers=1,
+        vision_heads=2,
+    ),
+}
+
+
+def prompt(spec: TinyLlavaSpec, text_tokens: int, batch: int, device: str) -> dict[str, torch.Tensor]:
+    """A POPE-like prompt: a few text tokens, one image, a short question."""
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randint(3, spec.image_token_id, (batch, 5), generator=generator)
+    image = torch.full((batch, spec.image_tokens), spec.image_token_id)
+    after = torch.randint(3, spec.image_token_id, (batch, text_tokens - 5), generator=generator)
+    input_ids = torch.cat([before, image, after], dim=1)
+    pixel_values = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=generator)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "pixel_values": pixel_values.to(device),
+    }
+
+
+def timed_prefill(model, inputs: dict[str, torch.Tensor]) -> float:
+    """Seconds for one prefill as `generate` runs it: fill a fresh cache, logits of the last position only."""
+    if inputs["input_ids"].is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model(**inputs, use_cache=True, logits_to_keep=1)
+    if inputs["input_ids"].is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(model, inputs, method: str, tokens: int, layer: int, repeats: int) -> dict[str, float]:
+    full, compressed, scoring = [], [], 0.0
+    for _ in range(repeats):
+        full.append(timed_prefill(model, inputs))
+        with epic.compress(model, method, tokens=tokens, layer=layer, profile=True) as state:
+            compressed.append(timed_prefill(model, inputs))
+        scoring += state.scoring_seconds
+    return {
+        "full_s": statistics.median(full),
+        "compressed_s": statistics.median(compressed),
+        "scoring_share": scoring / sum(compressed),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-wide")
+    parser.add_argument("--layers", type=int, help="override the number of decoder layers")
+    parser.add_argument("--methods", default="dart,fastv,random")
+    parser.add_argument("--budgets", default="576,192,128,64,36")
+    parser.add_argument("--layer", type=int, default=2, help="K: first decoder layer that sees the kept tokens")
+    parser.add_argument("--text-tokens", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attn", default="sdpa", help="eager, sdpa or flash_attention_2")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    spec = PRESETS[args.preset]
+    if args.layers:
+        spec = replace(spec, num_layers=args.layers)
+    model = build_tiny_llava(spec, attn_implementation=args.attn, dtype=getattr(torch, args.dtype)).to(args.device)
+    inputs = prompt(spec, args.text_tokens, args.batch, args.device)
+    shape = DecoderShape.from_config(model.config)
+    length = inputs["input_ids"].shape[1]
+    for _ in range(2):  # warm-up (allocator, kernels)
+        timed_prefill(model, inputs)
+
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(
+        f"# prefill: preset {args.preset}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
+        f"{spec.image_tokens} visual + {args.text_tokens} text tokens, batch {args.batch}, K={args.layer}, "
+        f"{args.dtype}, {args.attn}, {device_name}, torch threads {torch.get_num_threads()}"
+    )
+    print(f"{'method':<8} {'kept':>5} {'FLOPs':>7} {'time':>7} {'efficiency':>10} {'scoring':>8} {'full ms':>9}")
+    results = []
+    for method in args.methods.split(","):
+        for tokens in (int(b) for b in args.budgets.split(",")):
+            kept_length = length - spec.image_tokens + tokens
+            flops_ratio = prefill_macs(shape, length, kept_length, args.layer) / prefill_macs(shape, length)
+            timing = measure(model, inputs, method, tokens, args.layer, args.repeats)
+            time_ratio = timing["compressed_s"] / timing["full_s"]
+            efficiency = flops_ratio / time_ratio  # measured speedup / ideal speedup
+            row = {
+                "method": method,
+                "tokens": tokens,
+                "flops_ratio": flops_ratio,
+                "time_ratio": time_ratio,
+                "efficiency": efficiency,
+                **timing,
+            }
+            results.append(row)
+            print(
+                f"{method:<8} {tokens:>5} {flops_ratio:>7.3f} {time_ratio:>7.3f} {efficiency:>10.2f} "
+                f"{timing['scoring_share']:>7.2%} {timing['full_s'] * 1e3:>9.1f}",
+                flush=True,
+            )
+    print("# efficiency = measured speedup / FLOPs-ideal speedup = FLOPs ratio / time ratio; target >= 0.8 at 64")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "device": device_name, "results": results}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

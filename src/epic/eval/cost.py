@@ -1,0 +1,81 @@
+"""Cost accounting for compressed prefill: FLOPs and KV-cache bytes by formula, and the cache as measured.
+
+Conventions (SPEC section 4, FastV): one decoder layer over n tokens costs
+    4 n d^2 + 2 n^2 d + k n d m
+multiply-accumulates, with k = 3 for a gated (SwiGLU) MLP and 2 for a plain one. With grouped-query attention the
+key and value projections are narrower: the projections cost n d (2 d + 2 d_kv) instead of 4 n d^2 (equal for
+multi-head attention). `torch.utils.flop_counter` counts 2 FLOPs per multiply-accumulate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedConfig
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The sizes of a decoder-only LLM that cost depends on."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    gated_mlp: bool = True
+
+    @classmethod
+    def from_config(cls, config: PreTrainedConfig) -> DecoderShape:
+        """Read the shape of a transformers text config (Llama, Qwen2, Mistral and alike: gated MLPs)."""
+        config = config.get_text_config()
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+        )
+
+
+def layer_macs(shape: DecoderShape, tokens: int) -> int:
+    """Multiply-accumulates of one decoder layer over `tokens` tokens (prefill, causal mask not exploited)."""
+    n, d = tokens, shape.hidden
+    kv_width = shape.kv_heads * shape.head_dim
+    q_width = shape.heads * shape.head_dim
+    projections = n * d * (2 * q_width + 2 * kv_width)
+    attention = 2 * n * n * q_width
+    mlp = (3 if shape.gated_mlp else 2) * n * d * shape.intermediate
+    return projections + attention + mlp
+
+
+def prefill_macs(shape: DecoderShape, tokens: int, kept_tokens: int | None = None, layer: int = 0) -> int:
+    """Decoder MACs of a prefill over `tokens`, compressed to `kept_tokens` from layer `layer` on."""
+    if kept_tokens is None:
+        return shape.layers * layer_macs(shape, tokens)
+    return layer * layer_macs(shape, tokens) + (shape.layers - layer) * layer_macs(shape, kept_tokens)
+
+
+def kv_cache_bytes(
+    shape: DecoderShape, tokens: int, kept_tokens: int | None = None, layer: int = 0, bytes_per_value: int = 2
+) -> int:
+    """KV-cache bytes: 2 (K and V) x tokens held per layer x kv_heads x head_dim x bytes, summed over layers."""
+    per_token_layer = 2 * shape.kv_heads * shape.head_dim * bytes_per_value
+    if kept_tokens is None:
+        return shape.layers * tokens * per_token_layer
+    return (layer * tokens + (shape.layers - layer) * kept_tokens) * per_token_layer
+
+
+def measured_cache_bytes(cache) -> int:
+    """Bytes held by the key and value tensors of a transformers `Cache`, read from the tensors themselves."""
+    total = 0
+    for cache_layer in cache.layers:
+        for tensor in (getattr(cache_layer, "keys", None), getattr(cache_layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

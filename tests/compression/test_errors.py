@@ -85,3 +85,33 @@ def test_no_state_leaks_from_a_failed_forward(model):
             assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1] - 60
         assert state.kept[0].numel() == 4
         assert torch.equal(model(**batch).logits, stock)
+
+
+def test_inner_language_model_called_directly_fails(model):
+    batch = make_batch(SPEC, [Row()], labels=False)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with (
+        pytest.raises(RuntimeError, match="outside a forward of the LLaVA model"),
+        epic.compress(model, "dart", tokens=4),
+    ):
+        model.model.language_model(inputs_embeds=embeds)
+
+
+def test_a_method_returning_bad_positions_is_caught(model):
+    from dataclasses import dataclass
+
+    from epic.compression import ImageSelection
+
+    @dataclass
+    class Repeats:
+        needs_features = False
+
+        def select(self, image: ImageSelection) -> torch.Tensor:
+            return image.positions[:1].repeat(image.budget)
+
+    batch = make_batch(SPEC, [Row()], labels=False)
+    with (
+        pytest.raises(RuntimeError, match="Repeats returned repeated positions"),
+        epic.compress(model, Repeats(), tokens=4),
+    ):
+        model(**batch)

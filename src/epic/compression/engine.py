@@ -177,6 +177,7 @@ class Compression:
         self._layer_types = [self._attention_type(i) for i in range(len(layers))]
         self._batch: _Batch | None = None
         self._decoding = False
+        self._active = False
         self._decode_mask: torch.Tensor | None = None
         self._plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # rotary cos of a forward -> _Plan
         self._cache_record: _CacheRecord | None = None
@@ -252,6 +253,7 @@ class Compression:
         image_mask = input_ids == self.image_token_id
         cache = inputs.get("past_key_values")
         self._batch = None
+        self._active = True
         self._decoding = cache is not None and cache.get_seq_length() > 0
         if self._decoding:
             self._check_decoding(cache, image_mask)
@@ -356,7 +358,7 @@ class Compression:
         raise ValueError("input_ids contain image tokens but neither pixel_values nor mm_encoder_outputs were given")
 
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        batch, self._batch = self._batch, None
+        batch, self._batch, self._active = self._batch, None, False
         if self._decoding:
             return output
         cache = getattr(output, "past_key_values", None)
@@ -434,6 +436,11 @@ class Compression:
         rotary = kwargs["position_embeddings"][0]
         plan = self._plans.get(rotary)
         if plan is None:
+            if not self._active:
+                raise RuntimeError(
+                    "a decoder layer ran under epic.compress outside a forward of the LLaVA model it is attached "
+                    "to; call that model (not its inner language model)"
+                )
             if index != self.layer:
                 return None  # a forward without images: nothing was compressed
             plan = self._new_plan(hidden_states, kwargs)
@@ -499,7 +506,7 @@ class Compression:
         if self.method.needs_features:
             features = self.language_model.norm(hidden_states)
         keep = ~batch.image_mask.to(hidden_states.device)
-        batch.kept = []
+        batch.kept, expected = [], []
         for row, images in enumerate(batch.images):
             last = batch.prompt_last[row]
             row_kept = []
@@ -519,21 +526,19 @@ class Compression:
                         generator=self.generator,
                     )
                 )
-                self._check_choice(chosen, candidates, budget)
+                if chosen.numel() != budget:
+                    raise RuntimeError(f"{type(self.method).__name__} kept {chosen.numel()} tokens, budget {budget}")
                 row_kept.append(torch.cat([forced, chosen]))
             if row_kept:
                 keep[row, torch.cat(row_kept)] = True
+            expected.append(sum(kept.numel() for kept in row_kept))
             batch.kept.append([kept.cpu() for kept in row_kept])
-        return keep
-
-    def _check_choice(self, chosen: torch.Tensor, candidates: torch.Tensor, budget: int) -> None:
-        name = type(self.method).__name__
-        if chosen.numel() != budget or chosen.unique().numel() != budget:
+        kept_visual = (keep & batch.image_mask.to(keep.device)).sum(dim=1)
+        if not torch.equal(kept_visual.cpu(), torch.tensor(expected)):
             raise RuntimeError(
-                f"{name} returned {chosen.numel()} positions ({chosen.unique().numel()} distinct), budget {budget}"
+                f"{type(self.method).__name__} returned repeated positions or positions outside the image"
             )
-        if not torch.isin(chosen, candidates).all():
-            raise RuntimeError(f"{name} returned positions that are not visual tokens of the image")
+        return keep
 
     def _mask(self, plan: _Plan, index: int, hidden_states: torch.Tensor) -> Any:
         """The attention mask for layer `index` over the compressed sequence, built once per type."""

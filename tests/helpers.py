@@ -55,3 +55,63 @@ def make_batch(
     if labels:
         batch["labels"] = label_ids
     return batch
+
+
+def reference_logits(
+    model,
+    batch: dict[str, torch.Tensor],
+    kept: list[torch.Tensor],
+    layer: int,
+    window: int | None = None,
+    windowed_layers: set[int] | None = None,
+) -> torch.Tensor:
+    """Stock model, eager attention, with dropped visual tokens masked out of attention from `layer` on.
+
+    Independent of the engine: the sequence keeps its full length; only the keys of dropped visual tokens become
+    invisible to every query of layers >= `layer`. `window` adds a sliding window over original positions to the
+    layers in `windowed_layers` (all of them by default).
+    """
+    input_ids, valid = batch["input_ids"], batch["attention_mask"].bool()
+    visible = valid & (input_ids != model.config.image_token_id)
+    for row, positions in enumerate(kept):
+        visible[row, positions] = True
+    length = input_ids.shape[1]
+    query, key = torch.arange(length)[:, None], torch.arange(length)[None, :]
+
+    def additive_mask(allowed_positions: torch.Tensor) -> torch.Tensor:
+        allowed = allowed_positions[None] & visible[:, None, :]  # [B, q, k]
+        allowed |= torch.eye(length, dtype=torch.bool)[None]  # keep every row non-empty (padding queries)
+        return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
+
+    causal = additive_mask(key <= query)
+    windowed = causal if window is None else additive_mask((key <= query) & (query - key < window))
+
+    def swap_mask(mask: torch.Tensor):
+        return lambda module, args, kwargs: (args, {**kwargs, "attention_mask": mask})
+
+    layers = model.model.language_model.layers
+    handles = [
+        layers[i].register_forward_pre_hook(
+            swap_mask(windowed if windowed_layers is None or i in windowed_layers else causal), with_kwargs=True
+        )
+        for i in range(layer, len(layers))
+    ]
+    implementation = model.config.text_config._attn_implementation
+    try:
+        model.config.text_config._attn_implementation = "eager"
+        with torch.no_grad():
+            return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    finally:
+        model.config.text_config._attn_implementation = implementation
+        for handle in handles:
+            handle.remove()
+
+
+def at_slots(
+    reference: torch.Tensor, original_positions: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of real slots [B, L'], reference values gathered at each slot's original position [B, L', ...])."""
+    index = original_positions.clamp(min=0)
+    real = (original_positions >= 0) & attention_mask.bool().gather(1, index)
+    expected = reference.gather(1, index[..., None].expand(-1, -1, reference.shape[-1]))
+    return real, expected

@@ -7,45 +7,12 @@ import torch
 
 import epic
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
-from tests.helpers import Row, make_batch
+from tests.helpers import Row, at_slots, make_batch, reference_logits
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 ATTENTION = ["sdpa", "eager"]
 METHODS = ["dart", "fastv", "random"]
 SPEC = TinyLlavaSpec()
-
-
-def reference_logits(model, batch, kept: list[torch.Tensor], layer: int) -> torch.Tensor:
-    """Stock model, eager attention, with dropped visual tokens masked out of attention from `layer` on.
-
-    Independent of the engine: the sequence keeps its full length, only the keys of dropped visual tokens
-    become invisible to every query of layers >= `layer`.
-    """
-    input_ids, valid = batch["input_ids"], batch["attention_mask"].bool()
-    visible = valid & (input_ids != model.config.image_token_id)
-    for row, positions in enumerate(kept):
-        visible[row, positions] = True
-    length = input_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = causal[None] & visible[:, None, :]  # [B, q, k]
-    allowed |= torch.eye(length, dtype=torch.bool)[None]  # keep every row non-empty (padding queries)
-    min_value = torch.finfo(torch.float32).min
-    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, min_value)[:, None]
-
-    def swap_mask(module, args, kwargs):
-        return args, {**kwargs, "attention_mask": mask}
-
-    handles = [
-        model.model.language_model.layers[i].register_forward_pre_hook(swap_mask, with_kwargs=True)
-        for i in range(layer, len(model.model.language_model.layers))
-    ]
-    try:
-        model.config.text_config._attn_implementation = "eager"
-        with torch.no_grad():
-            return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -75,9 +42,7 @@ def test_pruned_forward_matches_masked_reference(family, attention, padding_side
         out = model(**batch)
     assert [kept.numel() for kept in state.kept] == [9, 9, 18]
     reference = reference_logits(model, batch, state.kept, layer)
-    positions = state.original_positions
-    real = (positions >= 0) & batch["attention_mask"].bool().gather(1, positions.clamp(min=0))
-    expected = reference.gather(1, positions.clamp(min=0)[..., None].expand(-1, -1, reference.shape[-1]))
+    real, expected = at_slots(reference, state.original_positions, batch["attention_mask"])
     torch.testing.assert_close(out.logits[real], expected[real], atol=1e-4, rtol=0)
     # the loss is the CE over the kept sequence, which equals the CE over the reference's supervised positions
     shift_labels = batch["labels"][:, 1:]

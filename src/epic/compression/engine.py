@@ -89,11 +89,11 @@ class _Plan:
 
     gather_index: torch.Tensor | None  # [B, L'] input position of each slot (None when decoding)
     valid: torch.Tensor | None  # [B, L'] False at filler slots
-    attention_mask: torch.Tensor  # [B, kv'] 2D mask for the compressed layers
-    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor  # [B, kv'] 2D mask over every cache slot of the compressed layers
+    slot_positions: torch.Tensor  # [B, kv'] original position of every cache slot (for sliding windows)
+    position_ids: torch.Tensor | None  # gathered; None when decoding (the stock ones are right)
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
-    mask_inputs: dict[str, Any]
-    masks: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, Any] = field(default_factory=dict)  # per attention type
 
 
 @dataclass
@@ -101,7 +101,8 @@ class _CacheRecord:
     """What decoding needs from the prefill that filled a KV cache."""
 
     cache: weakref.ReferenceType
-    attention_mask: torch.Tensor | None  # [B, L'] kept 2D mask; None when the prefill had no image
+    attention_mask: torch.Tensor | None  # [B, kv'] 2D mask of the compressed cache; None when it had no image
+    slot_positions: torch.Tensor | None  # [B, kv'] original positions of the compressed cache's slots
     original_length: int
 
 
@@ -364,7 +365,7 @@ class Compression:
         cache = getattr(output, "past_key_values", None)
         if batch is None:
             if cache is not None:
-                self._cache_record = _CacheRecord(weakref.ref(cache), None, 0)
+                self._cache_record = _CacheRecord(weakref.ref(cache), None, None, 0)
             return output
         plan = batch.plan
         if plan is None:
@@ -372,7 +373,9 @@ class Compression:
         self.original_positions = torch.where(plan.valid, plan.gather_index, -1)
         self.kept = [torch.cat(row).sort().values if row else torch.empty(0, dtype=torch.long) for row in batch.kept]
         if cache is not None:
-            self._cache_record = _CacheRecord(weakref.ref(cache), plan.attention_mask, batch.image_mask.shape[1])
+            self._cache_record = _CacheRecord(
+                weakref.ref(cache), plan.attention_mask, plan.slot_positions, batch.image_mask.shape[1]
+            )
         if batch.labels is None:
             return output
         labels = torch.where(plan.valid, batch.labels.gather(1, plan.gather_index), IGNORE_INDEX)
@@ -451,7 +454,7 @@ class Compression:
             hidden_states = hidden_states.gather(
                 1, plan.gather_index[..., None].expand(-1, -1, hidden_states.shape[-1])
             )
-        kwargs = {**kwargs, "attention_mask": self._mask(plan, index, hidden_states)}
+        kwargs = {**kwargs, "attention_mask": self._mask(plan, index)}
         if plan.position_ids is not None:
             kwargs["position_ids"] = plan.position_ids
             kwargs["position_embeddings"] = plan.position_embeddings
@@ -460,20 +463,7 @@ class Compression:
     def _new_plan(self, hidden_states: torch.Tensor, kwargs: dict) -> _Plan | None:
         cache = kwargs.get("past_key_values")
         if self._decoding:
-            record = self._cache_record
-            if record.attention_mask is None:
-                return None  # the prefill had no image: layers >= K hold the full cache
-            query_length = hidden_states.shape[1]
-            new_part = self._decode_mask[:, record.original_length :].bool()
-            attention_mask = torch.cat([record.attention_mask, new_part], dim=1)
-            expected = cache.get_seq_length(self.layer) + query_length
-            if attention_mask.shape[1] != expected:
-                raise RuntimeError(
-                    f"compressed cache holds {cache.get_seq_length(self.layer)} positions at layer {self.layer} "
-                    f"but the attention mask implies {attention_mask.shape[1] - query_length}"
-                )
-            mask_inputs = {"past_key_values": cache, "position_ids": kwargs.get("position_ids")}
-            return _Plan(None, None, attention_mask, None, None, mask_inputs)
+            return self._decode_plan(hidden_states, kwargs, cache)
         batch = self._batch
         if batch is None:
             return None
@@ -481,13 +471,12 @@ class Compression:
             raise RuntimeError(f"layer {self.layer - 1} was not scored before layer {self.layer}")
         with torch.no_grad(), self._timed():
             keep = self._select(batch, hidden_states)  # [B, L] bool
-        length = keep.shape[1]
+        batch_size, length = keep.shape
         kept_length = int(keep.sum(dim=1).max())
         order = torch.argsort(keep.int(), dim=1, stable=True)  # dropped first, kept in input order last
-        gather_index = order[:, length - kept_length :]
+        gather_index = order[:, length - kept_length :]  # [B, L']
         valid = keep.gather(1, gather_index)
         attention_mask = valid & batch.attention_mask.gather(1, gather_index)
-        batch_size = keep.shape[0]
         position_ids = kwargs["position_ids"].expand(batch_size, -1).gather(1, gather_index)
         cos, sin = kwargs["position_embeddings"]
         rotary_index = gather_index[..., None].expand(-1, -1, cos.shape[-1])
@@ -495,10 +484,74 @@ class Compression:
             cos.expand(batch_size, -1, -1).gather(1, rotary_index),
             sin.expand(batch_size, -1, -1).gather(1, rotary_index),
         )
-        mask_inputs = {"past_key_values": cache, "position_ids": position_ids}
-        plan = _Plan(gather_index, valid, attention_mask, position_ids, position_embeddings, mask_inputs)
+        plan = _Plan(gather_index, valid, attention_mask, position_ids, position_ids, position_embeddings)
+        self._build_masks(plan, hidden_states.new_empty(batch_size, kept_length, 0), cache)
         batch.plan = plan
         return plan
+
+    def _decode_plan(self, hidden_states: torch.Tensor, kwargs: dict, cache: Any) -> _Plan | None:
+        """Decoding: nothing is pruned; layers >= K get a mask over their shorter cache plus the new tokens."""
+        record = self._cache_record
+        if record.attention_mask is None:
+            return None  # the prefill had no image: layers >= K hold the full cache
+        batch_size, query_length = hidden_states.shape[:2]
+        new_mask = self._decode_mask[:, record.original_length :].bool()
+        attention_mask = torch.cat([record.attention_mask, new_mask[:, -query_length:]], dim=1)
+        step_positions = kwargs["position_ids"].expand(batch_size, -1)
+        slot_positions = torch.cat([record.slot_positions, step_positions], dim=1)
+        expected = cache.get_seq_length(self.layer) + query_length
+        if attention_mask.shape[1] != expected:
+            raise RuntimeError(
+                f"compressed cache holds {cache.get_seq_length(self.layer)} positions at layer {self.layer} but "
+                f"the attention mask implies {attention_mask.shape[1] - query_length}"
+            )
+        record.attention_mask, record.slot_positions = attention_mask, slot_positions
+        plan = _Plan(None, None, attention_mask, slot_positions, None, None)
+        self._build_masks(plan, hidden_states[..., :0], cache)
+        return plan
+
+    def _build_masks(self, plan: _Plan, shape_like: torch.Tensor, cache: Any) -> None:
+        """One mask per attention type of layers >= K, built before any of them writes to the cache.
+
+        Each is sized against the first layer of its type from K on. Sliding windows count original positions
+        (the kept tokens keep their RoPE gaps), not slots of the shorter sequence.
+        """
+        implementation = self.text_config._attn_implementation or "eager"
+        query_length = shape_like.shape[1]
+        for kind in dict.fromkeys(self._layer_types[self.layer :]):
+            layer_index = self._layer_types.index(kind, self.layer)
+            window = getattr(self.text_config, "sliding_window", None) if kind == "sliding_attention" else None
+            positions = plan.slot_positions
+            window_binds = window is not None and int(positions.max() - positions.min()) >= window
+            if "flash" in implementation:
+                if window_binds:
+                    raise NotImplementedError(
+                        f"sliding-window layers (window {window}) over a compressed sequence that spans more "
+                        "positions than the window are not supported under flash attention; use sdpa or eager"
+                    )
+                kv_length = (
+                    plan.attention_mask.shape[1]
+                    if cache is None
+                    else cache.get_mask_sizes(query_length, layer_index)[0]
+                )
+                plan.masks[kind] = plan.attention_mask[:, -kv_length:]
+                continue
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            within_window = None
+            if window_binds:
+
+                def within_window(batch_idx, head_idx, q_idx, kv_idx, positions=positions, window=window):
+                    return positions[batch_idx, q_idx] - positions[batch_idx, kv_idx] < window
+
+            plan.masks[kind] = make(
+                config=self.text_config,
+                inputs_embeds=shape_like,
+                attention_mask=plan.attention_mask,
+                past_key_values=cache,
+                position_ids=plan.slot_positions[:, -query_length:],
+                layer_idx=layer_index,
+                and_mask_function=within_window,
+            )
 
     def _select(self, batch: _Batch, hidden_states: torch.Tensor) -> torch.Tensor:
         """Run the method on every image of every row; return the [B, L] mask of surviving positions."""
@@ -540,23 +593,9 @@ class Compression:
             )
         return keep
 
-    def _mask(self, plan: _Plan, index: int, hidden_states: torch.Tensor) -> Any:
-        """The attention mask for layer `index` over the compressed sequence, built once per type."""
-        kind = self._layer_types[index]
-        if kind not in plan.masks:
-            implementation = self.text_config._attn_implementation or "eager"
-            if "flash" in implementation:
-                plan.masks[kind] = plan.attention_mask
-            else:
-                make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
-                plan.masks[kind] = make(
-                    config=self.text_config,
-                    inputs_embeds=hidden_states,
-                    attention_mask=plan.attention_mask,
-                    layer_idx=self.layer,
-                    **plan.mask_inputs,
-                )
-        return plan.masks[kind]
+    def _mask(self, plan: _Plan, index: int) -> Any:
+        """The attention mask for layer `index` over the compressed sequence."""
+        return plan.masks[self._layer_types[index]]
 
 
 def compress(

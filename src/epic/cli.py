@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from epic.models.tiny import TEXT_CONFIGS, TinyLlavaSpec
 
@@ -35,9 +36,53 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from epic.data.check import check_file
+
+    processor = template = None
+    if args.model:
+        from transformers import AutoProcessor
+
+        from epic.data.templates import get_template
+        from epic.models.factory import saved_template
+
+        processor = AutoProcessor.from_pretrained(args.model)
+        template = get_template(args.template or saved_template(args.model), processor.tokenizer)
+    report = check_file(Path(args.file), args.images and Path(args.images), processor, template, args.max_length)
+    for problem in report.problems:
+        print(problem)
+    if processor is None:
+        print("(no --model given: row lengths were not checked)")
+    print(report.summary())
+    return 1 if report.problems else 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from epic.data.shapes import SynthConfig, write_synthetic
+
+    config = SynthConfig(
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        n_captions=args.n_captions,
+        image_size=args.image_size,
+        grid=args.grid,
+        seed=args.seed,
+    )
+    start = time.perf_counter()
+    files = write_synthetic(Path(args.out_dir), config)
+    print(f"wrote the shapes set to {args.out_dir} in {time.perf_counter() - start:.1f} s:")
+    for name, path in files.items():
+        print(f"  {name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epic", description="Visual-token compression for LLaVA-family models.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     demo = commands.add_parser(
         "demo",
         help="compress a tiny LLaVA with every method; print what was kept and what it saved",
@@ -51,6 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     demo.set_defaults(run=_demo)
+
+    data = commands.add_parser("data", help="check LLaVA-format data; draw the built-in synthetic set")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    check = data_commands.add_parser(
+        "check",
+        help="validate a LLaVA-format file and report every problem",
+        description="Report every problem of a LLaVA-format JSON/JSONL file with its line or id, then a summary. "
+        "Exits 1 when any row has a problem.",
+    )
+    check.add_argument("file")
+    check.add_argument("--images", help="the folder image paths are relative to")
+    check.add_argument("--model", help="a LLaVA folder (processor + epic.json) to also check row lengths")
+    check.add_argument("--template", help="conversation template (default: the one stored with --model)")
+    check.add_argument("--max-length", type=int, default=2048)
+    check.set_defaults(run=_data_check)
+
+    synth = data_commands.add_parser(
+        "synth",
+        help="draw the built-in synthetic visual QA set (shapes)",
+        description="Write train/val/test LLaVA-format JSON, a caption set and PNG images. Deterministic by seed.",
+    )
+    synth.add_argument("out_dir")
+    synth.add_argument("--n-train", type=int, default=6000, help="training questions")
+    synth.add_argument("--n-val", type=int, default=500)
+    synth.add_argument("--n-test", type=int, default=1500)
+    synth.add_argument("--n-captions", type=int, default=2000, help="captions for projector pre-training")
+    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--grid", type=int, default=3)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=_data_synth)
     return parser
 
 

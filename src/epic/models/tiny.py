@@ -42,6 +42,10 @@ class TinyLlavaSpec:
     vision_layers: int = 2
     vision_heads: int = 2
     max_position_embeddings: int = 4096
+    image_token_index: int | None = None  # default: the last id of the vocabulary
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
 
     @property
     def image_tokens(self) -> int:
@@ -49,11 +53,11 @@ class TinyLlavaSpec:
 
     @property
     def image_token_id(self) -> int:
-        return self.vocab_size - 1
+        return self.vocab_size - 1 if self.image_token_index is None else self.image_token_index
 
 
 def tiny_llava_config(spec: TinyLlavaSpec, attn_implementation: str = "sdpa") -> LlavaConfig:
-    """A `LlavaConfig` for `spec`; the image token is the last id of the vocabulary, padding is id 0."""
+    """A `LlavaConfig` for `spec` (by default the image token is the last id of the vocabulary, padding is 0)."""
     if spec.text_model not in TEXT_CONFIGS:
         raise ValueError(f"unknown text model {spec.text_model!r}; choose one of {sorted(TEXT_CONFIGS)}")
     text_config = TEXT_CONFIGS[spec.text_model](
@@ -64,9 +68,9 @@ def tiny_llava_config(spec: TinyLlavaSpec, attn_implementation: str = "sdpa") ->
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=spec.max_position_embeddings,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
+        pad_token_id=spec.pad_token_id,
+        bos_token_id=spec.bos_token_id,
+        eos_token_id=spec.eos_token_id,
         tie_word_embeddings=False,
     )
     vision_config = CLIPVisionConfig(

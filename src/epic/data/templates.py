@@ -1,0 +1,179 @@
+"""Conversation templates: how a list of turns becomes text, and which parts of it are supervised.
+
+A template renders a conversation into segments `(text, supervised)`; only assistant replies (with their end-of-turn
+marker) are supervised. `prompt()` renders the same conversation up to the point where the assistant speaks next,
+exactly as training saw it, so evaluation and training cannot disagree on the format.
+
+Templates: `vicuna_v1` (LLaVA-1.5), `plain` (caption pre-training), `chatml` (Qwen), and `tokenizer` (the
+tokenizer's own `chat_template`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "user" or "assistant"
+    text: str
+
+
+Segment = tuple[str, bool]  # (text, supervised)
+
+
+class Template(Protocol):
+    name: str
+    add_bos: bool
+
+    def render(self, turns: list[Turn], eos: str) -> list[Segment]:
+        """The whole conversation; assistant replies are supervised."""
+        ...
+
+    def prompt(self, turns: list[Turn], eos: str) -> list[Segment]:
+        """The conversation (ending on a user turn) and the cue for the reply: the same segments training saw."""
+        ...
+
+
+def _check_alternation(turns: list[Turn], ends_with_user: bool) -> None:
+    if not turns:
+        raise ValueError("empty conversation")
+    for index, turn in enumerate(turns):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise ValueError(f"turn {index} is from {turn.role!r}; turns must alternate user/assistant from a user")
+    if ends_with_user and turns[-1].role != "user":
+        raise ValueError("a prompt must end with a user turn")
+
+
+@dataclass(frozen=True)
+class VicunaV1:
+    """LLaVA-1.5: `SYSTEM USER: q ASSISTANT: a</s>USER: ...`; the reply and its `</s>` are supervised."""
+
+    name: str = "vicuna_v1"
+    add_bos: bool = True
+    system: str = (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    )
+
+    def render(self, turns: list[Turn], eos: str) -> list[Segment]:
+        _check_alternation(turns, ends_with_user=False)
+        segments: list[Segment] = [(self.system, False)]
+        for turn in turns:
+            if turn.role == "user":
+                segments.append((f" USER: {turn.text} ASSISTANT:", False))
+            else:
+                segments.append((f" {turn.text}{eos}", True))
+        return segments
+
+    def prompt(self, turns: list[Turn], eos: str) -> list[Segment]:
+        _check_alternation(turns, ends_with_user=True)
+        return self.render(turns, eos)
+
+
+@dataclass(frozen=True)
+class Plain:
+    """Caption pre-training (LLaVA "plain"): the image tokens, then the caption and a newline (supervised)."""
+
+    name: str = "plain"
+    add_bos: bool = True
+
+    def render(self, turns: list[Turn], eos: str) -> list[Segment]:
+        _check_alternation(turns, ends_with_user=False)
+        if len(turns) != 2:
+            raise ValueError(f"the plain template takes one user turn and one reply, got {len(turns)} turns")
+        images = turns[0].text.count(IMAGE_PLACEHOLDER)
+        return [(IMAGE_PLACEHOLDER * images, False), (f"{turns[1].text}\n", True)]
+
+    def prompt(self, turns: list[Turn], eos: str) -> list[Segment]:
+        _check_alternation(turns, ends_with_user=True)
+        if len(turns) != 1:
+            raise ValueError(f"the plain template takes one user turn, got {len(turns)} turns")
+        return [(IMAGE_PLACEHOLDER * turns[0].text.count(IMAGE_PLACEHOLDER), False)]
+
+
+@dataclass(frozen=True)
+class ChatML:
+    """Qwen's ChatML: `<|im_start|>role\\n...<|im_end|>\\n`; the reply and its `<|im_end|>` are supervised."""
+
+    name: str = "chatml"
+    add_bos: bool = False
+    system: str = "You are a helpful assistant."
+
+    def render(self, turns: list[Turn], eos: str) -> list[Segment]:
+        _check_alternation(turns, ends_with_user=False)
+        segments: list[Segment] = [(f"<|im_start|>system\n{self.system}<|im_end|>\n", False)]
+        for turn in turns:
+            if turn.role == "user":
+                segments.append((f"<|im_start|>user\n{turn.text}<|im_end|>\n<|im_start|>assistant\n", False))
+            else:
+                segments += [(f"{turn.text}<|im_end|>", True), ("\n", False)]
+        return segments
+
+    def prompt(self, turns: list[Turn], eos: str) -> list[Segment]:
+        _check_alternation(turns, ends_with_user=True)
+        return self.render(turns, eos)
+
+
+@dataclass(frozen=True)
+class TokenizerTemplate:
+    """The tokenizer's own `chat_template`, split into segments by rendering growing prefixes of the chat."""
+
+    tokenizer: object
+    name: str = "tokenizer"
+    add_bos: bool = False
+
+    def _render(self, turns: list[Turn], generation_prompt: bool) -> str:
+        messages = [{"role": turn.role, "content": turn.text} for turn in turns]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _segments(self, turns: list[Turn]) -> tuple[list[Segment], str]:
+        """Segments of every completed reply, and the text rendered so far."""
+        segments: list[Segment] = []
+        rendered = ""
+        for index, turn in enumerate(turns):
+            if turn.role != "assistant":
+                continue
+            cue = self._render(turns[:index], generation_prompt=True)
+            with_reply = self._render(turns[: index + 1], generation_prompt=False)
+            if not cue.startswith(rendered) or not with_reply.startswith(cue):
+                raise ValueError("the tokenizer's chat_template does not render conversations prefix by prefix")
+            segments += [(cue[len(rendered) :], False), (with_reply[len(cue) :], True)]
+            rendered = with_reply
+        return segments, rendered
+
+    def render(self, turns: list[Turn], eos: str) -> list[Segment]:
+        _check_alternation(turns, ends_with_user=False)
+        segments, rendered = self._segments(turns)
+        full = self._render(turns, generation_prompt=False)
+        if not full.startswith(rendered):
+            raise ValueError("the tokenizer's chat_template does not render conversations prefix by prefix")
+        segments.append((full[len(rendered) :], False))
+        return [segment for segment in segments if segment[0]]
+
+    def prompt(self, turns: list[Turn], eos: str) -> list[Segment]:
+        _check_alternation(turns, ends_with_user=True)
+        segments, rendered = self._segments(turns)
+        cue = self._render(turns, generation_prompt=True)
+        if not cue.startswith(rendered):
+            raise ValueError("the tokenizer's chat_template does not render conversations prefix by prefix")
+        segments.append((cue[len(rendered) :], False))
+        return [(text, False) for text, _ in segments if text]
+
+
+BUILTIN_TEMPLATES = {"vicuna_v1": VicunaV1(), "plain": Plain(), "chatml": ChatML()}
+
+
+def get_template(name: str, tokenizer: object | None = None) -> Template:
+    """The template called `name`; `tokenizer` uses the tokenizer's own chat_template (it must have one)."""
+    if name == "tokenizer":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template 'tokenizer' needs a tokenizer with a chat_template")
+        return TokenizerTemplate(tokenizer)
+    if name not in BUILTIN_TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; choose one of {[*sorted(BUILTIN_TEMPLATES), 'tokenizer']}")
+    return BUILTIN_TEMPLATES[name]

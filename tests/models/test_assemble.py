@@ -1,0 +1,88 @@
+"""Assembling a LLaVA from a vision tower, an LLM and stage-1 projector weights, all tiny and local."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+import epic
+from epic.models.assemble import assemble_llava, load_projector
+from epic.models.factory import word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=48,
+            patch_size=6,
+        )
+    )
+    vision.save_pretrained(root / "vision")
+    CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(
+        root / "vision"
+    )
+    tokenizer = word_tokenizer(["What color is the shape ? red blue"])
+    tokenizer.save_pretrained(root / "llm")
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
+    llm.save_pretrained(root / "llm")
+    projector = {  # LLaVA's own key names for an mlp2x_gelu projector
+        "model.mm_projector.0.weight": torch.randn(64, 32),
+        "model.mm_projector.0.bias": torch.randn(64),
+        "model.mm_projector.2.weight": torch.randn(64, 64),
+        "model.mm_projector.2.bias": torch.randn(64),
+    }
+    save_file(projector, str(root / "projector.safetensors"))
+    return root, vision, llm, projector
+
+
+def test_assembled_model_holds_every_part(parts):
+    root, vision, llm, projector = parts
+    model, processor = assemble_llava(root / "vision", root / "llm", root / "projector.safetensors")
+    assert torch.equal(model.model.multi_modal_projector.linear_1.weight, projector["model.mm_projector.0.weight"])
+    assert torch.equal(model.model.multi_modal_projector.linear_2.bias, projector["model.mm_projector.2.bias"])
+    for name, tensor in vision.state_dict().items():
+        assert torch.equal(model.model.vision_tower.state_dict()[name], tensor)
+    text = torch.tensor([processor.tokenizer.encode("What color is the shape ?", add_special_tokens=False)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=text).logits, llm(input_ids=text).logits)
+    assert model.config.image_seq_length == 64
+    assert processor.image_token_id == model.config.image_token_id
+
+
+def test_assembled_model_runs_compressed(parts):
+    root, *_ = parts
+    model, processor = assemble_llava(root / "vision", root / "llm", root / "projector.safetensors")
+    from PIL import Image
+
+    inputs = processor(
+        images=Image.new("RGB", (60, 40), "blue"), text="<image> What color is the shape ?", return_tensors="pt"
+    )
+    with torch.no_grad(), epic.compress(model, "fastv", tokens=6) as state:
+        model(**inputs)
+    assert state.kept[0].numel() == 6
+
+
+def test_bad_projector_keys_fail_loudly(tmp_path):
+    save_file({"vision.proj.weight": torch.zeros(2, 2)}, str(tmp_path / "p.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected projector weight 'vision\.proj\.weight'"):
+        load_projector(tmp_path / "p.safetensors")

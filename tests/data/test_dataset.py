@@ -73,7 +73,7 @@ def test_pad_mode_fills_with_the_mean_colour(folder, tiny):
     assert padded[:, :8].abs().max() < 0.02
     assert padded[0, 24, 24].item() > 1.0  # the red stripe in the middle
     assert resized[0, 0, 0].item() > 1.0  # resize mode fills the whole square (centre crop of a resize)
-    assert mean_colour(processor.image_processor) == (123, 117, 104)
+    assert mean_colour(processor.image_processor) == (122, 116, 104)  # as LLaVA truncates
 
 
 def test_truncation_keeps_images_whole(folder, tiny):

@@ -96,3 +96,49 @@ def test_unknown_template_and_missing_chat_template():
         get_template("alpaca")
     with pytest.raises(ValueError, match="needs a tokenizer with a chat_template"):
         get_template("tokenizer", object())
+
+
+def llama_style_tokenizer():
+    """A BPE tokenizer laid out like Llama-2/Vicuna's legacy fast tokenizer: `▁` prepended, spaces as `▁`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sentences = [
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions.",
+        "USER: What color is the shape at the center? ASSISTANT: red",
+        "USER: How many circles are there? ASSISTANT: 2",
+    ] * 20
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<image>"])
+    backend.train_from_iterator(sentences, trainer)
+    backend.pre_tokenizer = None
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+
+
+def test_sentencepiece_style_tokens_match_whole_text_tokenization():
+    tokenizer = llama_style_tokenizer()
+    template = get_template("vicuna_v1")
+    turns = [
+        Turn("user", "What color is the shape at the center?"),
+        Turn("assistant", "red"),
+        Turn("user", "How many circles are there?"),
+        Turn("assistant", "2"),
+    ]
+    encoded = encode_conversation(turns, template, tokenizer, image_token_id=3, image_tokens=4)
+    text = "".join(part for part, _ in template.render(turns, "</s>"))
+    assert encoded.input_ids == [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)]
+    replies = [tokenizer.convert_ids_to_tokens(span) for span in supervised_spans(encoded.labels)]
+    assert [tokens[0] for tokens in replies] == ["▁red", "▁2"] and all(tokens[-1] == "</s>" for tokens in replies)
+    prompt = encode_prompt(turns[:3], template, tokenizer, 3, 4)
+    assert prompt == encoded.input_ids[: len(prompt)]
+    assert encoded.labels[len(prompt)] != -100 and encoded.labels[len(prompt) - 1] == -100
+
+
+def test_vicuna_multi_turn_text_matches_llava():
+    text = "".join(part for part, _ in get_template("vicuna_v1").render(CONVERSATION, "</s>"))
+    assert "ASSISTANT: red</s>USER: How many circles are there? ASSISTANT: 2</s>" in text

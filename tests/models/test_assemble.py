@@ -86,3 +86,38 @@ def test_bad_projector_keys_fail_loudly(tmp_path):
     save_file({"vision.proj.weight": torch.zeros(2, 2)}, str(tmp_path / "p.safetensors"))
     with pytest.raises(ValueError, match=r"unexpected projector weight 'vision\.proj\.weight'"):
         load_projector(tmp_path / "p.safetensors")
+
+
+def test_siglip_tower_keeps_every_patch(tmp_path):
+    from PIL import Image
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from epic.data.dataset import image_token_count
+
+    SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=48,
+            patch_size=6,
+        )
+    ).save_pretrained(tmp_path / "siglip")
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    SiglipImageProcessorPil(size={"height": 48, "width": 48}).save_pretrained(tmp_path / "siglip")
+    tokenizer = word_tokenizer(["What color is it ?"])
+    tokenizer.save_pretrained(tmp_path / "llm")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+        )
+    ).save_pretrained(tmp_path / "llm")
+    model, processor = assemble_llava(tmp_path / "siglip", tmp_path / "llm")
+    assert model.config.vision_feature_select_strategy == "full"
+    assert model.config.image_seq_length == image_token_count(processor) == 64
+    inputs = processor(images=Image.new("RGB", (48, 48)), text="<image> What color is it ?", return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.image_hidden_states.shape[0] == 64

@@ -47,8 +47,11 @@ def check_file(
                     image_token_count(processor),
                     max_length,
                 )
-            except (TooLong, ValueError) as error:
+            except TooLong as error:
                 problems.append(Problem(record.where, record.record_id, "over-long row", str(error)))
+                continue
+            except ValueError as error:
+                problems.append(Problem(record.where, record.record_id, "template error", str(error)))
                 continue
         valid += 1
     problems.sort(key=lambda problem: (problem.where.split()[0], int(problem.where.split()[1])))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from epic.data.encoding import IGNORE_INDEX, TooLong, encode_conversation
@@ -18,9 +19,11 @@ logger = logging.getLogger(__name__)
 
 
 def image_token_count(processor) -> int:
-    """Visual tokens per image for a `LlavaProcessor` (what `<image>` expands to)."""
-    crop = processor.image_processor.crop_size
-    tokens = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
+    """Visual tokens per image for a `LlavaProcessor` (what `<image>` expands to), counted as the processor does:
+    from the size of a processed image (crop or resize), plus CLS-like tokens, minus one for "default"."""
+    pixels = processor.image_processor(Image.new("RGB", (32, 32)), return_tensors="pt")["pixel_values"]
+    height, width = pixels.shape[-2:]
+    tokens = (height // processor.patch_size) * (width // processor.patch_size)
     tokens += processor.num_additional_image_tokens
     if processor.vision_feature_select_strategy == "default":
         tokens -= 1
@@ -70,8 +73,11 @@ class LlavaDataset(Dataset):
         for record in records:
             try:
                 encoded = self._encode(record)
-            except (TooLong, ValueError) as error:
+            except TooLong as error:
                 too_long.append(Problem(record.where, record.record_id, "over-long row", str(error)))
+                continue
+            except ValueError as error:
+                too_long.append(Problem(record.where, record.record_id, "template error", str(error)))
                 continue
             self.records.append(record)
             length = len(encoded.input_ids)
@@ -80,7 +86,12 @@ class LlavaDataset(Dataset):
         if too_long:
             if on_error == "strict":
                 raise DataError(Path(data_file), too_long)
-            logger.warning("%s: skipped %d row(s) that do not fit max_length=%s", data_file, len(too_long), max_length)
+            logger.warning(
+                "%s: skipped %d row(s) that do not fit max_length=%s or the template",
+                data_file,
+                len(too_long),
+                max_length,
+            )
 
     def _encode(self, record: Record):
         return encode_conversation(

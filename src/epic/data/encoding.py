@@ -1,7 +1,7 @@
 """Token ids and labels for one conversation: template segments, `<image>` expanded, replies supervised.
 
-Each segment is tokenized on its own (no special tokens added) so the boundary between prompt and reply is exact;
-every `<image>` becomes `image_tokens` copies of the image token id. Labels are -100 except on supervised segments.
+The rendered text is tokenized as a whole between `<image>` placeholders (each becomes `image_tokens` copies of the
+image token id); character offsets decide which tokens belong to a reply. Labels are -100 except on replies.
 Truncation to `max_length` never cuts inside an image: such a row raises `TooLong` (the dataset drops and counts
 it, or fails in strict mode).
 """
@@ -25,29 +25,42 @@ class Encoded:
     labels: list[int]
 
 
-def _tokenize(text: str, tokenizer, image_token_id: int, image_tokens: int) -> list[int]:
-    ids: list[int] = []
-    for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if index:
-            ids += [image_token_id] * image_tokens
-        if piece:
-            ids += tokenizer.encode(piece, add_special_tokens=False)
-    return ids
-
-
 def encode_segments(
     segments: list[tuple[str, bool]], tokenizer, image_token_id: int, image_tokens: int, add_bos: bool
 ) -> Encoded:
-    """Concatenate the segments' tokens; labels copy the ids of supervised segments and are -100 elsewhere."""
+    """Tokenize the rendered conversation; a token is supervised when its last character lies in a reply.
+
+    The text is tokenized as a whole between `<image>` placeholders (as LLaVA does), not segment by segment, so
+    a SentencePiece tokenizer sees `ASSISTANT: red` exactly as in pre-training; each placeholder becomes
+    `image_tokens` copies of the image token id.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("epic needs a fast tokenizer (character offsets decide which tokens are supervised)")
+    text = "".join(part for part, _ in segments)
+    supervised = [False] * len(text)
+    cursor = 0
+    for part, is_reply in segments:
+        if is_reply:
+            supervised[cursor : cursor + len(part)] = [True] * len(part)
+        cursor += len(part)
     input_ids: list[int] = []
     labels: list[int] = []
     if add_bos and tokenizer.bos_token_id is not None:
         input_ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
-    for text, supervised in segments:
-        ids = _tokenize(text, tokenizer, image_token_id, image_tokens)
-        input_ids += ids
-        labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+    offset = 0
+    for index, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if index:
+            input_ids += [image_token_id] * image_tokens
+            labels += [IGNORE_INDEX] * image_tokens
+            offset += len(IMAGE_PLACEHOLDER)
+        if piece:
+            encoded = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            for token, (first, last) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+                where = offset + max(last - 1, first)
+                input_ids.append(token)
+                labels.append(token if where < len(text) and supervised[where] else IGNORE_INDEX)
+        offset += len(piece)
     return Encoded(input_ids, labels)
 
 

@@ -21,8 +21,8 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 
 
 def mean_colour(image_processor) -> tuple[int, int, int]:
-    """The processor's normalisation mean as an 8-bit RGB colour (what a padded border normalises to zero)."""
-    return tuple(round(channel * 255) for channel in image_processor.image_mean)
+    """The processor's normalisation mean as an 8-bit RGB colour, truncated as LLaVA's `expand2square` does."""
+    return tuple(int(channel * 255) for channel in image_processor.image_mean)
 
 
 def load_image(path: Path, mode: str, image_processor) -> Image.Image:

@@ -1,7 +1,9 @@
 """LLaVA-format records: reading a JSON array or JSONL file, and every check a row must pass.
 
 A record: `{"id": ..., "image": "a.jpg" | ["a.jpg", "b.jpg"] (optional), "conversations": [{"from": "human",
-"value": "<image>\\nWhat is ..."}, {"from": "gpt", "value": "..."}, ...]}`. Problems are reported with the
+"value": "<image>\\nWhat is ..."}, {"from": "gpt", "value": "..."}, ...]}`. Image paths are checked lexically: no
+absolute path and no `..` that leaves the folder; symbolic links inside the folder (LLaVA's usual
+`images/coco -> /datasets/coco`) are followed. Problems are reported with the
 line (JSONL) or the array index (JSON) and the id, never silently dropped: `strict` raises on the first file with
 problems (listing them all), `skip` drops the bad rows and counts them.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,11 +79,15 @@ def read_raw(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
     return rows, problems
 
 
-def _image_paths(item: dict[str, Any]) -> list[str]:
+def _image_paths(item: dict[str, Any]) -> list[str] | None:
+    """The row's image names, or None when `image` is neither a string nor a list of strings."""
     image = item.get("image")
     if image is None:
         return []
-    return [image] if isinstance(image, str) else list(image)
+    names = [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+        return None
+    return names
 
 
 def check_record(where: str, item: Any, image_folder: Path | None, open_images: bool = True) -> Record | Problem:
@@ -99,7 +106,8 @@ def check_record(where: str, item: Any, image_folder: Path | None, open_images: 
     for index, message in enumerate(conversations):
         if not isinstance(message, dict) or not isinstance(message.get("value"), str):
             return problem("malformed record", f"message {index} has no string `value`")
-        role = ROLES.get(message.get("from"))
+        sender = message.get("from")
+        role = ROLES.get(sender) if isinstance(sender, str) else None
         if role is None:
             return problem("malformed record", f"message {index} is from {message.get('from')!r}")
         turns.append(Turn(role, message["value"]))
@@ -111,6 +119,8 @@ def check_record(where: str, item: Any, image_folder: Path | None, open_images: 
             return problem("malformed record", f"message {index} is from {turn.role}; turns must alternate")
 
     image_names = _image_paths(item)
+    if image_names is None:
+        return problem("malformed record", f"`image` must be a path or a list of paths, got {item.get('image')!r}")
     placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
     if placeholders != len(image_names):
         return problem(
@@ -122,16 +132,16 @@ def check_record(where: str, item: Any, image_folder: Path | None, open_images: 
     for name in image_names:
         if image_folder is None:
             return problem("missing image", f"{name!r} but no image folder was given")
-        folder = image_folder.resolve()
-        path = (folder / name).resolve()
-        if not path.is_relative_to(folder):
-            return problem("image path escapes folder", f"{name!r} resolves outside {folder}")
+        folder = Path(os.path.abspath(image_folder))
+        path = Path(os.path.normpath(folder / name))
+        if os.path.isabs(name) or not path.is_relative_to(folder):
+            return problem("image path escapes folder", f"{name!r} is absolute or leaves {folder}")
         if not path.is_file():
             return problem("missing image", f"{name!r} not found in {folder}")
         if open_images:
             try:
                 with Image.open(path) as image:
-                    image.verify()
+                    image.load()  # decodes every byte: catches truncated files that verify() lets through
             except Exception as error:  # PIL raises many types for broken files
                 return problem("unreadable image", f"{name!r}: {error}")
         images.append(path)

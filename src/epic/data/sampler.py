@@ -16,11 +16,13 @@ def _megabatches(indices: list[int], lengths: list[int], size: int, generator: t
 
 
 class ModalityLengthGroupedSampler(Sampler[int]):
-    """Yields indices so that each global batch holds only image rows or only text-only rows, of similar length.
+    """Yields indices so that each global batch holds image rows or text-only rows of similar length.
 
     `lengths[i]` is the token length of row i, positive for rows with an image and negative for text-only rows
-    (LLaVA's convention). The order depends only on `seed` and `epoch` (call `set_epoch`), so a resumed run sees
-    the same order.
+    (LLaVA's convention). Megabatches of `batch_size * world_size` rows of one modality are sorted longest first;
+    as in LLaVA, the incomplete megabatches of both modalities come last, back to back, so the final batches may
+    mix them. Consecutive batches of a megabatch go to different ranks, so ranks see similar lengths. The order
+    depends only on `seed` and `epoch` (call `set_epoch`), so a resumed run sees the same order.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, world_size: int = 1, seed: int = 0) -> None:

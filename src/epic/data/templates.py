@@ -51,7 +51,8 @@ def _check_alternation(turns: list[Turn], ends_with_user: bool) -> None:
 
 @dataclass(frozen=True)
 class VicunaV1:
-    """LLaVA-1.5: `SYSTEM USER: q ASSISTANT: a</s>USER: ...`; the reply and its `</s>` are supervised."""
+    """LLaVA-1.5 (`SeparatorStyle.TWO`): `SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>`; each reply
+    (with the space before it) and its `</s>` are supervised."""
 
     name: str = "vicuna_v1"
     add_bos: bool = True
@@ -62,10 +63,10 @@ class VicunaV1:
 
     def render(self, turns: list[Turn], eos: str) -> list[Segment]:
         _check_alternation(turns, ends_with_user=False)
-        segments: list[Segment] = [(self.system, False)]
+        segments: list[Segment] = [(f"{self.system} ", False)]
         for turn in turns:
             if turn.role == "user":
-                segments.append((f" USER: {turn.text} ASSISTANT:", False))
+                segments.append((f"USER: {turn.text} ASSISTANT:", False))
             else:
                 segments.append((f" {turn.text}{eos}", True))
         return segments

@@ -66,7 +66,8 @@ def assemble_llava(
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A `LlavaForConditionalGeneration` and its processor from a vision tower, an LLM and optional projector weights.
 
-    Without `projector_path` the projector keeps its random initialisation (stage-1 training starts there).
+    Without `projector_path` the projector keeps its random initialisation (stage-1 training starts there). A tower
+    without a CLS token (SigLIP) uses the "full" feature strategy: "default" would drop a real patch.
     """
     vision_config = AutoConfig.from_pretrained(vision_path)
     vision_config = getattr(vision_config, "vision_config", vision_config)
@@ -79,8 +80,10 @@ def assemble_llava(
     if len(tokenizer) > language.get_input_embeddings().num_embeddings:
         language.resize_token_embeddings(len(tokenizer))
     additional = ADDITIONAL_TOKENS.get(vision_config.model_type, 0)
+    if additional == 0 and vision_feature_select_strategy == "default":
+        vision_feature_select_strategy = "full"  # "default" drops token 0, a real patch when there is no CLS
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    image_tokens = patches + additional - (1 if vision_feature_select_strategy == "default" and additional else 0)
+    image_tokens = patches + additional - (1 if vision_feature_select_strategy == "default" else 0)
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=language.config,

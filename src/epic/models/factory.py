@@ -85,12 +85,17 @@ def build_tiny_llava_with_processor(
     return model, tiny_processor(spec, tokenizer)
 
 
+def write_template(folder: Path, template: str) -> None:
+    """Record the conversation template beside a checkpoint (`epic.json`)."""
+    (Path(folder) / EPIC_FILE).write_text(json.dumps({"template": template}, indent=1))
+
+
 def save_llava(model, processor, folder: Path, template: str) -> None:
     """Save model (safetensors), processor and the name of the conversation template as one folder."""
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    (folder / EPIC_FILE).write_text(json.dumps({"template": template}, indent=1))
+    write_template(folder, template)
 
 
 def saved_template(folder: Path) -> str:

@@ -79,6 +79,29 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(arguments: list[str]) -> int:
+    """`epic train [RECIPE.yaml] [--key value ...]`: the options are forwarded untouched to the recipe parser."""
+    from epic.train.config import parse_recipe
+    from epic.train.run import run_training
+
+    if "--options" in arguments:
+        print(_train_help())
+        return 0
+    recipe = arguments[0] if arguments and not arguments[0].startswith("-") else None
+    overrides = arguments[1:] if recipe else arguments
+    final = run_training(*parse_recipe(recipe and Path(recipe), overrides))
+    print(f"final checkpoint: {final}")
+    return 0
+
+
+def _train_help() -> str:
+    from transformers import HfArgumentParser
+
+    from epic.train.config import ARGUMENT_CLASSES
+
+    return HfArgumentParser(ARGUMENT_CLASSES[:3]).format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="epic", description="Visual-token compression for LLaVA-family models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,10 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--grid", type=int, default=3)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_data_synth)
+
+    train = commands.add_parser(
+        "train",
+        help="train: sft, tcd, lcd or tcd+lcd from a YAML recipe",
+        description="Train from a YAML recipe; `--key value` pairs after it override the recipe. Options: epic's "
+        "own (below, run `epic train --options` for the full list with defaults) and every transformers "
+        "TrainingArguments field (output_dir, learning_rate, max_steps, save_steps, bf16, deepspeed, ...).",
+    )
+    train.add_argument("recipe", nargs="?", help="a YAML recipe")
+    train.add_argument("--options", action="store_true", help="list epic's training options and their defaults")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
+        return _train(argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args)
 

@@ -77,6 +77,7 @@ class _Batch:
     text_positions: list[torch.Tensor]  # per row: prompt text positions
     labels: torch.Tensor | None  # [B, L], held back from the model
     loss_kwargs: dict[str, Any]
+    logits_mask: torch.Tensor | None = None  # [B, L] bool: positions whose logits are wanted (original coordinates)
     attention: torch.Tensor | None = None  # [B, L] from layer K-1
     key_norms: torch.Tensor | None = None  # [B, L] from layer K-1
     kept: list[list[torch.Tensor]] = field(default_factory=list)  # per row, per image: kept positions
@@ -193,6 +194,7 @@ class Compression:
         scoring_module.config = routed_config(self._original_config)
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model, with_kwargs=True))
+        self._handles.append(model.get_output_embeddings().register_forward_pre_hook(self._before_lm_head))
         self._handles.append(layers[layer - 1].register_forward_pre_hook(self._before_scoring_layer, with_kwargs=True))
         for index in range(layer, len(layers)):
             hook = self._layer_pre_hook(index)
@@ -284,6 +286,14 @@ class Compression:
         labels = inputs.pop("labels", None)
         loss_kwargs = {key: inputs[key] for key in ("num_items_in_batch",) if key in inputs}
         self._batch = self._read_batch(inputs, image_mask, valid, labels, loss_kwargs)
+        logits_to_keep = inputs.get("logits_to_keep")
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
+            if logits_to_keep.shape != input_ids.shape or labels is not None:
+                raise ValueError(
+                    "a boolean logits_to_keep must be [batch, length] like input_ids and comes without labels"
+                )
+            self._batch.logits_mask = logits_to_keep
+            inputs["logits_to_keep"] = 0
         return (), inputs
 
     def _check_decoding(self, cache: Any, image_mask: torch.Tensor) -> None:
@@ -386,6 +396,18 @@ class Compression:
         if isinstance(output, tuple):
             return (loss, *output)
         return type(output)(loss=loss, **{key: value for key, value in output.items() if key != "loss"})
+
+    def _before_lm_head(self, module: nn.Module, args: tuple) -> tuple | None:
+        """With a boolean `logits_to_keep` (original coordinates), project only those rows: logits are [N, V]."""
+        batch = self._batch
+        if batch is None or batch.logits_mask is None or self._decoding:
+            return None
+        plan = batch.plan
+        wanted = batch.logits_mask.to(plan.valid.device)
+        slots = wanted.gather(1, plan.gather_index) & plan.valid
+        if int(slots.sum()) != int(wanted.sum()):
+            raise ValueError("logits were asked for at positions that compression dropped (visual tokens)")
+        return (args[0][slots],)
 
     # ----------------------------------------------------------------------------------------- layer hooks
     def _before_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

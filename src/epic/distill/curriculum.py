@@ -1,0 +1,70 @@
+"""What each training step compresses, per mode: a pure function of progress and a step generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from epic.distill.schedules import LayerSchedule, TokenSchedule
+
+MODES = ("sft", "tcd", "lcd", "tcd+lcd")
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Compression of one micro-step. A ratio of None or a layer equal to `num_layers` means no compression."""
+
+    student_ratio: float | None
+    student_layer: int
+    teacher_ratio: float | None
+    teacher_layer: int
+    num_layers: int
+
+    @property
+    def student_compresses(self) -> bool:
+        return self.student_ratio is not None and self.student_ratio > 0 and self.student_layer < self.num_layers
+
+    @property
+    def teacher_compresses(self) -> bool:
+        return self.teacher_ratio is not None and self.teacher_ratio > 0 and self.teacher_layer < self.num_layers
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """The mode's schedules: `sft` (optionally a fixed ratio), `tcd` (ratio schedule, teacher gap), `lcd` (layer
+    schedule at the target ratio) or `tcd+lcd` (both)."""
+
+    mode: str
+    num_layers: int
+    layer: int
+    target_ratio: float | None
+    tokens: TokenSchedule | None = None
+    layers: LayerSchedule | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown training mode {self.mode!r}; choose one of {MODES}")
+        if not 1 <= self.layer < self.num_layers:
+            raise ValueError(
+                f"layer must lie in [1, {self.num_layers - 1}] for {self.num_layers} layers, got {self.layer}"
+            )
+        if self.target_ratio is not None and not 0.0 <= self.target_ratio < 1.0:
+            raise ValueError(f"the target ratio must lie in [0, 1), got {self.target_ratio}")
+        if self.mode != "sft" and self.target_ratio is None:
+            raise ValueError(f"mode {self.mode!r} needs a target budget: set tokens or ratio")
+        if "tcd" in self.mode and self.tokens is None:
+            raise ValueError(f"mode {self.mode!r} needs a token schedule")
+        if "lcd" in self.mode and self.layers is None:
+            raise ValueError(f"mode {self.mode!r} needs a layer schedule")
+
+    def step(self, progress: float, generator: torch.Generator) -> StepPlan:
+        student_ratio = teacher_ratio = self.target_ratio
+        student_layer = teacher_layer = self.layer
+        if self.mode == "sft":
+            teacher_ratio, teacher_layer = None, self.num_layers
+        if "tcd" in self.mode:
+            student_ratio, teacher_ratio = self.tokens.sample(progress, generator)
+        if "lcd" in self.mode:
+            student_layer, teacher_layer = self.layers.layers(progress)
+        return StepPlan(student_ratio, student_layer, teacher_ratio, teacher_layer, self.num_layers)

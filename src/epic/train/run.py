@@ -1,0 +1,163 @@
+"""`epic train`: build the model, check every option before any compute, train, save a plain checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainingArguments, set_seed
+
+from epic.compression import Budget, build_method
+from epic.data.dataset import LlavaDataset, collate, image_token_count
+from epic.data.shapes import SynthConfig, vocabulary_texts, write_synthetic
+from epic.data.templates import get_template
+from epic.distill import Curriculum, LayerSchedule, TokenSchedule, released_token_schedule, target_token_schedule
+from epic.models.assemble import assemble_llava
+from epic.models.factory import build_tiny_llava_with_processor, save_llava, saved_template
+from epic.models.tiny import TinyLlavaSpec
+from epic.train.config import SCHEDULES, DataArguments, DistillArguments, ModelArguments
+from epic.train.trainer import EpicTrainer, last_complete_checkpoint, llava_of
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(args: ModelArguments):
+    """(model, processor, template name) from a checkpoint, from parts, or `tiny:<family>`."""
+    if args.model and args.model.startswith("tiny:"):
+        hidden = args.tiny_hidden_size
+        spec = TinyLlavaSpec(
+            text_model=args.model.split(":", 1)[1],
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_layers=args.tiny_layers,
+            num_heads=4,
+            num_kv_heads=2,
+            image_size=args.tiny_image_size,
+            patch_size=args.tiny_patch_size,
+        )
+        model, processor = build_tiny_llava_with_processor(
+            vocabulary_texts(SynthConfig()), spec, attn_implementation=args.attn_implementation
+        )
+        return model, processor, args.template or "vicuna_v1"
+    if args.model:
+        model = LlavaForConditionalGeneration.from_pretrained(args.model, attn_implementation=args.attn_implementation)
+        processor = AutoProcessor.from_pretrained(args.model)
+        return model, processor, args.template or saved_template(Path(args.model))
+    if args.vision_tower and args.language_model:
+        if not args.template:
+            raise ValueError("a model assembled from parts needs --template (e.g. vicuna_v1)")
+        model, processor = assemble_llava(args.vision_tower, args.language_model, args.projector)
+        model.config.text_config._attn_implementation = args.attn_implementation
+        return model, processor, args.template
+    raise ValueError("give --model (a checkpoint or tiny:<family>) or --vision_tower and --language_model")
+
+
+def build_curriculum(args: DistillArguments, num_layers: int, image_tokens: int) -> Curriculum:
+    """The mode's schedules, every number checked (raises before any compute)."""
+    build_method(args.method, **args.options())
+    if args.tokens is not None or args.ratio is not None:
+        budget = Budget(tokens=args.tokens, ratio=args.ratio)
+        target = 1.0 - budget.resolve(image_tokens) / image_tokens
+    else:
+        target = None
+    if args.schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {args.schedule!r}; choose one of {SCHEDULES}")
+    if not 0.0 <= args.kd_alpha <= 1.0 or args.temperature <= 0:
+        raise ValueError(f"alpha must lie in [0, 1] and temperature be > 0 (got {args.kd_alpha}, {args.temperature})")
+    tokens = None
+    if "tcd" in args.mode:
+        if target is None:
+            raise ValueError(f"mode {args.mode!r} needs a target budget: set tokens or ratio")
+        preset = released_token_schedule() if args.schedule == "released" else target_token_schedule(target)
+        overrides = {
+            name: getattr(args, name)
+            for name in ("r_min_start", "r_min_end", "r_max_start", "r_max_end", "gap_start", "gap_slope", "gap_max")
+            if getattr(args, name) is not None
+        }
+        tokens = TokenSchedule(**{**preset.__dict__, **overrides})
+    layers = None
+    if "lcd" in args.mode:
+        layers = LayerSchedule(num_layers, args.layer, args.lcd_start_layer, args.lcd_gap_layers_max)
+    return Curriculum(args.mode, num_layers, args.layer, target, tokens, layers)
+
+
+def prepare_model(model, args: DistillArguments):
+    """Freeze what the options say, then wrap the LLM with LoRA when asked."""
+    model.model.vision_tower.requires_grad_(not args.freeze_vision_tower)
+    model.model.multi_modal_projector.requires_grad_(not args.freeze_projector)
+    model.model.language_model.requires_grad_(not args.freeze_language_model)
+    model.lm_head.requires_grad_(not args.freeze_language_model)
+    if args.lora_r <= 0:
+        return model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError("LoRA needs peft: pip install 'epic-mllm[lora]'") from error
+    targets = "|".join(module.strip() for module in args.lora_target_modules.split(","))
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=rf".*language_model.*\.({targets})",
+        modules_to_save=None if args.freeze_projector else ["multi_modal_projector"],
+    )
+    return get_peft_model(model, config)
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    distill_args: DistillArguments,
+    training_args: TrainingArguments,
+) -> Path:
+    """Train as the options say; returns the folder of the final checkpoint (a plain transformers LLaVA)."""
+    set_seed(training_args.seed)
+    training_args.remove_unused_columns = False  # rows are `Example`s, batched by our collator
+    train_file = Path(data_args.train_file)
+    if data_args.synthesize and not train_file.exists():
+        write_synthetic(train_file.parent, SynthConfig(n_train=data_args.synth_train, seed=data_args.synth_seed))
+    model, processor, template_name = build_model(model_args)
+    curriculum = build_curriculum(
+        distill_args, model.config.text_config.num_hidden_layers, image_token_count(processor)
+    )
+    template = get_template(template_name, processor.tokenizer)
+    dataset = LlavaDataset(
+        train_file,
+        data_args.image_folder and Path(data_args.image_folder),
+        processor,
+        template,
+        max_length=data_args.max_length,
+        image_mode=data_args.image_mode,
+        on_error=data_args.on_error,
+        verify_images=data_args.verify_images,
+    )
+    model = prepare_model(model, distill_args)
+    pad_id = processor.tokenizer.pad_token_id
+    trainer = EpicTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=lambda examples: collate(examples, pad_id),
+        processing_class=processor,
+        curriculum=curriculum,
+        method=distill_args.method,
+        method_options=distill_args.options(),
+        alpha=distill_args.kd_alpha,
+        temperature=distill_args.temperature,
+        compression_seed=distill_args.compression_seed,
+        template=template_name,
+        projector_lr=distill_args.projector_lr,
+        group_by_modality_length=data_args.group_by_modality_length,
+    )
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":
+        resume = last_complete_checkpoint(Path(training_args.output_dir))
+        logger.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final = Path(training_args.output_dir) / "final"
+    if trainer.args.should_save:
+        trained = llava_of(trainer.model)
+        if distill_args.lora_r > 0:
+            trained = trainer.model.merge_and_unload()
+        save_llava(trained, processor, final, template_name)
+    return final

@@ -1,0 +1,234 @@
+"""`EpicTrainer`: HF `Trainer` with EPIC's consistency distillation in one `compute_loss`.
+
+One model, shared weights. Per micro-step: the vision tower and projector run once; the teacher pass runs under
+`torch.no_grad()` with milder compression (or none); the student pass runs with gradients under stronger
+compression. Logits are projected only at the positions whose next label is supervised (the engine maps them
+through original positions, so teacher and student rows are aligned), where CE (student) and KL (fp32) are computed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from epic.compression import Compression, compress
+from epic.data.sampler import ModalityLengthGroupedSampler
+from epic.distill import Curriculum, StepPlan, ce_rows, distilled_positions, kl_rows, step_generator
+from epic.models.factory import write_template
+
+COMPLETE_MARKER = ".complete"
+
+
+def llava_of(model: nn.Module) -> nn.Module:
+    """The `LlavaForConditionalGeneration` inside DDP / DeepSpeed / peft wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+class EpicTrainer(Trainer):
+    """Trainer for `sft`, `tcd`, `lcd` and `tcd+lcd` (see `epic.distill.Curriculum`)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        curriculum: Curriculum,
+        method: str,
+        method_options: dict[str, Any],
+        alpha: float,
+        temperature: float,
+        compression_seed: int,
+        template: str,
+        projector_lr: float | None = None,
+        group_by_modality_length: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.curriculum = curriculum
+        self.method = method
+        self.method_options = method_options
+        self.alpha = alpha
+        self.temperature = temperature
+        self.compression_seed = compression_seed
+        self.template = template
+        self.projector_lr = projector_lr
+        self.group_by_modality_length = group_by_modality_length
+        self._student: Compression | None = None
+        self._micro_step = (-1, 0)  # (global step, micro-steps seen in it)
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def _step_plan(self) -> tuple[StepPlan, int]:
+        step = self.state.global_step
+        micro = self._micro_step[1] + 1 if self._micro_step[0] == step else 0
+        self._micro_step = (step, micro)
+        progress = min(step / max(self.state.max_steps, 1), 1.0)
+        rank = self.args.process_index
+        generator = step_generator(self.compression_seed, step, micro, rank)
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))  # for Random's own draws
+        return self.curriculum.step(progress, generator), seed
+
+    def _attach(self, llava: nn.Module, ratio: float, layer: int, seed: int) -> Compression:
+        return compress(llava, self.method, ratio=ratio, layer=layer, seed=seed, **self.method_options)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        llava = llava_of(model)
+        plan, seed = self._step_plan()
+        labels = inputs["labels"]
+        if self.curriculum.mode == "sft":
+            if plan.student_compresses:
+                self._student = self._attach(llava, plan.student_ratio, plan.student_layer, seed)
+            extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            outputs = model(**inputs, **extra)
+            self._record(plan, ce=outputs.loss.item())
+            loss = self._scale_for_devices(outputs.loss, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
+
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if inputs.get("pixel_values") is not None:
+            config = llava.config
+            features = llava.model.get_image_features(
+                pixel_values=inputs["pixel_values"],
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+                return_dict=True,
+            )
+            forward["mm_encoder_outputs"] = {"image": features}  # computed once, fed to both passes
+        wanted = distilled_positions(labels)  # [B, L]: logits at t predict labels[t + 1]
+        targets = labels[:, 1:][wanted[:, :-1]]
+
+        with torch.no_grad():
+            teacher = (
+                self._attach(llava, plan.teacher_ratio, plan.teacher_layer, seed) if plan.teacher_compresses else None
+            )
+            try:
+                teacher_rows = llava(**forward, logits_to_keep=wanted).logits
+            finally:
+                if teacher is not None:
+                    teacher.remove()
+        if plan.student_compresses:
+            self._student = self._attach(llava, plan.student_ratio, plan.student_layer, seed)
+        student_rows = model(**forward, logits_to_keep=wanted).logits
+        ce = ce_rows(student_rows, targets, num_items_in_batch)
+        kd = kl_rows(student_rows, teacher_rows, self.temperature, num_items_in_batch)
+        loss = self.alpha * kd + (1 - self.alpha) * ce
+        self._record(plan, ce=ce.item(), kd=kd.item())
+        loss = self._scale_for_devices(loss, num_items_in_batch)
+        return (loss, {"logits": student_rows}) if return_outputs else loss
+
+    def _scale_for_devices(self, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+        """As the Trainer's own `compute_loss`: a loss normalised by the token count of all ranks is multiplied by
+        the number of ranks, since DDP averages gradients."""
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """Keeps the student's compression attached through backward (gradient checkpointing recomputes under it)."""
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if self._student is not None:
+                self._student.remove()
+                self._student = None
+
+    # ------------------------------------------------------------------------------------------------ logging
+    def _record(self, plan: StepPlan, **losses: float) -> None:
+        metrics = self._metrics
+        for name, value in losses.items():
+            metrics[f"{name}_loss"].append(value)
+        if plan.student_ratio is not None:
+            metrics["student_ratio"].append(plan.student_ratio)
+        if plan.teacher_ratio is not None and self.curriculum.mode != "sft":
+            metrics["teacher_ratio"].append(plan.teacher_ratio)
+            metrics["gap"].append(plan.student_ratio - plan.teacher_ratio)
+        if "lcd" in self.curriculum.mode:
+            metrics["student_layer"].append(plan.student_layer)
+            metrics["teacher_layer"].append(plan.teacher_layer)
+        student = self._student
+        if student is not None and student.tokens_per_image:
+            metrics["kept_tokens"].append(float(student.budget.resolve(student.tokens_per_image)))
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._metrics:
+            for name, values in self._metrics.items():
+                logs[name] = round(sum(values) / len(values), 6)
+            self._metrics.clear()
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------ plumbing
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_modality_length or not hasattr(dataset, "lengths"):
+            return super()._get_train_sampler(train_dataset)
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return ModalityLengthGroupedSampler(dataset.lengths, batch, self.args.world_size, seed=self.args.seed)
+
+    def create_optimizer(self, model: nn.Module | None = None):
+        """Like the Trainer's, with the projector at its own learning rate when `projector_lr` is set."""
+        if self.projector_lr is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = model if model is not None else self.model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[float, float], list[nn.Parameter]] = defaultdict(list)
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            lr = self.projector_lr if "multi_modal_projector" in name else self.args.learning_rate
+            groups[(lr, self.args.weight_decay if name in decay else 0.0)].append(parameter)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(
+            [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()],
+            **optimizer_kwargs,
+        )
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        write_template(Path(output_dir or self.args.output_dir), self.template)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Restore the weights through `from_pretrained`, which maps the saved key names back to the modules.
+
+        (transformers 5 saves LLaVA weights under their original checkpoint names, `language_model.model.*`, which
+        the Trainer's own `load_state_dict(..., strict=False)` does not map: it would silently restore nothing.)
+        """
+        model = model if model is not None else self.model
+        target = llava_of(model)
+        if target is not model and not hasattr(model, "module"):  # a peft model: adapters load through peft
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=next(target.parameters()).dtype)
+        target.load_state_dict(loaded.state_dict(), strict=True)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Save, then mark the checkpoint complete: a run killed mid-save leaves an unmarked folder that
+        `last_complete_checkpoint` skips."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            marker = folder / COMPLETE_MARKER
+            with open(marker, "w") as handle:
+                handle.write("ok\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest `checkpoint-N` in `output_dir` whose save finished (it holds the completion marker)."""
+    folders = [path for path in Path(output_dir).glob("checkpoint-*") if (path / COMPLETE_MARKER).is_file()]
+    folders = [path for path in folders if path.name.split("-")[-1].isdigit()]
+    return max(folders, key=lambda path: int(path.name.split("-")[-1]), default=None)

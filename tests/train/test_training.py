@@ -1,0 +1,108 @@
+"""Training: options checked before compute, one step per mode, checkpoints, alignment of teacher and student."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+import epic
+from epic.distill import distilled_positions
+from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
+from epic.train.config import parse_recipe
+from epic.train.run import build_curriculum, build_model, run_training
+from tests.helpers import Row, make_batch, reference_logits
+from tests.train.conftest import tiny_options
+
+
+def test_recipe_and_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("learning_rate: 0.5\nmode: lcd\nmethod_options: {pivots_image: 2}\n")
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("include: base.yaml\nmode: tcd\noutput_dir: out\ntokens: 7\n")
+    _, _, distill_args, training_args = parse_recipe(recipe, ["--tokens", "9"])
+    assert distill_args.mode == "tcd" and distill_args.tokens == 9
+    assert training_args.learning_rate == 0.5 and distill_args.options() == {"pivots_image": 2}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['--warp_speed'"):
+        parse_recipe(recipe, ["--warp_speed", "9"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--mode", "kd"], "unknown training mode 'kd'"),
+        (["--method", "pdropx"], "unknown compression method 'pdropx'"),
+        (["--ratio", "1.2"], r"ratio must lie in \[0, 1\)"),
+        (["--layer", "9"], r"layer must lie in \[1, 3\]"),
+        (["--r_max_start", "0.5", "--r_min_start", "0.5"], "ends before it starts"),
+        (["--gap_start", "-0.2"], "teacher must be milder"),
+        (["--mode", "lcd", "--lcd_gap_layers_max", "0"], "teacher must be milder"),
+        (["--tokens", "65"], "larger than the image"),
+    ],
+)
+def test_bad_options_fail_before_any_compute(overrides, message):
+    budget = [] if "--ratio" in overrides else ["--tokens", "7"]
+    *_, distill_args, _ = parse_recipe(None, ["--output_dir", "x", "--mode", "tcd", *budget, *overrides])
+    with pytest.raises(ValueError, match=message):
+        build_curriculum(distill_args, num_layers=4, image_tokens=64)
+
+
+def flat_parameters(model) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+@pytest.mark.parametrize(("mode", "extra"), [("sft", ["--tokens", "7"]), ("tcd", []), ("lcd", []), ("tcd+lcd", [])])
+def test_one_step_changes_only_the_trainable_parts(shapes, tmp_path, mode, extra):
+    argv = tiny_options(shapes, tmp_path / mode, mode=mode, max_steps=1)
+    model_args, data_args, distill_args, training_args = parse_recipe(None, argv + extra)
+    before = flat_parameters(build_model(model_args)[0])
+    final = run_training(model_args, data_args, distill_args, training_args)
+    after = flat_parameters(LlavaForConditionalGeneration.from_pretrained(final))
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert not any(name.startswith("model.vision_tower") for name in changed)
+    assert any(name.startswith("model.multi_modal_projector") for name in changed)
+    assert any(name.startswith("model.language_model.layers.3") for name in changed)
+
+
+def test_checkpoint_loads_with_plain_transformers(shapes, tmp_path, caplog):
+    argv = tiny_options(shapes, tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    final = run_training(*parse_recipe(None, argv))
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / ".complete").is_file() and (checkpoint / "epic.json").is_file()
+    for folder in (final, checkpoint):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+            AutoProcessor.from_pretrained(folder, local_files_only=True)
+        messages = " ".join(str(w.message) for w in caught).lower() + caplog.text.lower()
+        assert "missing" not in messages and "unexpected" not in messages
+        assert (folder / "model.safetensors").is_file()
+        assert model.config.image_token_id == AutoProcessor.from_pretrained(folder).image_token_id
+
+
+def test_teacher_and_student_rows_align_through_original_positions():
+    """Logits asked at original positions come back in the same order whatever each pass kept."""
+    model = build_tiny_llava()
+    spec = TinyLlavaSpec()
+    batch = make_batch(spec, [Row(answer=4), Row(before=9, answer=2), Row(images=0)], "right")
+    labels = batch.pop("labels")
+    wanted = distilled_positions(labels)
+    rows = {}
+    with torch.no_grad():
+        for name, tokens in (("teacher", 20), ("student", 5)):
+            with epic.compress(model, "dart", tokens=tokens) as state:
+                rows[name] = (model(**batch, logits_to_keep=wanted).logits, state.kept)
+    for logits, kept in rows.values():
+        reference = reference_logits(model, batch, kept, layer=2)
+        torch.testing.assert_close(logits, reference[wanted], atol=1e-4, rtol=0)
+    assert rows["teacher"][0].shape == rows["student"][0].shape == (int(wanted.sum()), spec.vocab_size)
+
+
+def test_logits_at_dropped_positions_are_refused():
+    model = build_tiny_llava()
+    batch = make_batch(TinyLlavaSpec(), [Row()], labels=False)
+    wanted = batch["input_ids"] == model.config.image_token_id
+    with pytest.raises(ValueError, match="dropped"), torch.no_grad(), epic.compress(model, "fastv", tokens=4):
+        model(**batch, logits_to_keep=wanted)

@@ -43,13 +43,13 @@ def test_draws_lie_in_range_and_teacher_is_milder():
         assert 0.0 <= teacher <= student
 
 
-def test_draws_depend_only_on_seed_step_micro_and_rank():
+def test_draws_depend_only_on_seed_step_and_stream():
     schedule = released_token_schedule()
-    first = [schedule.sample(0.5, step_generator(3, step, micro))[0] for step in range(5) for micro in range(2)]
-    again = [schedule.sample(0.5, step_generator(3, step, micro))[0] for step in range(5) for micro in range(2)]
+    first = [schedule.sample(0.5, step_generator(3, step, stream))[0] for step in range(5) for stream in range(2)]
+    again = [schedule.sample(0.5, step_generator(3, step, stream))[0] for step in range(5) for stream in range(2)]
     assert first == again
     assert len(set(first)) == len(first)
-    assert schedule.sample(0.5, step_generator(3, 1, 0, rank=1)) != schedule.sample(0.5, step_generator(3, 1, 0))
+    assert schedule.sample(0.5, step_generator(4, 1)) != schedule.sample(0.5, step_generator(3, 1))
 
 
 def test_layer_schedule_moves_from_deep_to_shallow():

@@ -1,8 +1,9 @@
 """Progressive schedules of EPIC (SPEC section 2), as pure functions of training progress.
 
 Progress p = optimizer step / total optimizer steps, in [0, 1]. Random draws come from a generator seeded by
-(seed, step, micro-step, rank), never from a stateful stream, so a resumed run draws exactly what an uninterrupted
-run drew at the same step.
+(seed, step, stream), never from a stateful stream, so a resumed run draws exactly what an uninterrupted run drew at
+the same step. The stream numbers the micro-batches of a step across ranks (micro-step x world size + rank), so two
+ranks draw what one process draws for two accumulated micro-batches.
 
 Token Consistency Distillation (TCD): the student ratio r_s ~ U(R_min(p), R_max(p)), both rising linearly; the gap
 d(p) = min(d_0 + d_slope * p, d_max); the teacher ratio r_t = max(r_s - d(p), 0).
@@ -124,7 +125,6 @@ def _check_progress(progress: float) -> float:
     return progress
 
 
-def step_generator(seed: int, step: int, micro_step: int = 0, rank: int = 0) -> torch.Generator:
-    """A generator that depends only on (seed, step, micro-step, rank): resuming at a step redraws the same values."""
-    mixed = (seed * 1_000_003 + step) * 1_000_033 + micro_step
-    return torch.Generator().manual_seed((mixed * 101 + rank) % (2**63 - 1))
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, step, stream): resuming at a step redraws the same values."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_033 + stream) % (2**63 - 1))

@@ -71,8 +71,8 @@ class EpicTrainer(Trainer):
         micro = self._micro_step[1] + 1 if self._micro_step[0] == step else 0
         self._micro_step = (step, micro)
         progress = min(step / max(self.state.max_steps, 1), 1.0)
-        rank = self.args.process_index
-        generator = step_generator(self.compression_seed, step, micro, rank)
+        stream = micro * self.args.world_size + self.args.process_index  # one stream per micro-batch of the step
+        generator = step_generator(self.compression_seed, step, stream)
         seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))  # for Random's own draws
         return self.curriculum.step(progress, generator), seed
 
@@ -126,7 +126,8 @@ class EpicTrainer(Trainer):
         ce = ce_rows(student_rows, targets, num_items_in_batch)
         kd = kl_rows(student_rows, teacher_rows, self.temperature, num_items_in_batch)
         loss = self.alpha * kd + (1 - self.alpha) * ce
-        self._record(plan, ce=ce.item(), kd=kd.item())
+        local = float(num_items_in_batch) / max(targets.numel(), 1) if num_items_in_batch is not None else 1.0
+        self._record(plan, ce=ce.item() * local, kd=kd.item() * local)  # logged as this micro-batch's means
         loss = self._scale_for_devices(loss, num_items_in_batch)
         return (loss, {"logits": student_rows}) if return_outputs else loss
 

@@ -1,0 +1,40 @@
+"""Two processes (torchrun, gloo on CPU) train exactly like one process accumulating two micro-batches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from epic.train.config import parse_recipe
+from epic.train.run import run_training
+from tests.train.conftest import tiny_options
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not installed beside this Python")
+def test_two_process_ddp_matches_one_process(shapes, tmp_path):
+    # SGD: an update linear in the gradient, so float-level differences of the all-reduce stay float-level
+    common = {"mode": "tcd", "method": "fastv", "max_steps": 3, "learning_rate": 0.1, "optim": "sgd"}
+    one = tiny_options(shapes, tmp_path / "one", per_device_train_batch_size=4, gradient_accumulation_steps=2, **common)
+    single = run_training(*parse_recipe(None, one))
+
+    two = tiny_options(shapes, tmp_path / "two", per_device_train_batch_size=4, ddp_backend="gloo", **common)
+    result = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "epic.cli", "train", *two],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = load_file(single / "model.safetensors")
+    actual = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-5, rtol=1e-4, msg=name)

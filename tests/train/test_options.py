@@ -1,0 +1,118 @@
+"""Training options: LoRA, per-part learning rates, gradient checkpointing, logging, starting from parts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from epic.data.shapes import SynthConfig, vocabulary_texts
+from epic.models.factory import word_tokenizer
+from epic.train.config import parse_recipe
+from epic.train.run import build_model, run_training
+from tests.train.conftest import tiny_options
+
+
+def parameters(model) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+
+
+def test_lora_trains_adapters_and_saves_a_merged_plain_model(shapes, tmp_path):
+    pytest.importorskip("peft")
+    argv = tiny_options(shapes, tmp_path, max_steps=2, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    model_args, *_ = parse_recipe(None, argv)
+    before = parameters(build_model(model_args)[0])
+    final = run_training(*parse_recipe(None, argv))
+    after = parameters(LlavaForConditionalGeneration.from_pretrained(final))
+    assert before.keys() == after.keys()  # merged: no LoRA names left
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert any(".self_attn.q_proj" in name for name in changed)
+    assert any("multi_modal_projector" in name for name in changed)
+    assert not any("vision_tower" in name or "embed_tokens" in name for name in changed)
+
+
+def test_projector_learning_rate_and_gradient_checkpointing(shapes, tmp_path):
+    argv = tiny_options(
+        shapes,
+        tmp_path,
+        max_steps=2,
+        projector_lr=0.01,
+        gradient_checkpointing=True,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    run_training(*parse_recipe(None, argv))
+    optimizer = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    rates = sorted({group["initial_lr"] for group in optimizer["param_groups"]})
+    assert rates == [1e-3, 0.01]
+
+
+def test_every_step_logs_schedule_and_losses(shapes, tmp_path):
+    for mode in ("tcd", "lcd"):
+        argv = tiny_options(shapes, tmp_path / mode, mode=mode, max_steps=2, save_strategy="steps", save_steps=2)
+        run_training(*parse_recipe(None, argv))
+        history = json.loads((tmp_path / mode / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+        logged = history[0]
+        assert {"loss", "ce_loss", "kd_loss", "kept_tokens"} <= logged.keys()
+        if mode == "tcd":
+            assert {"student_ratio", "teacher_ratio", "gap"} <= logged.keys()
+            assert logged["gap"] == pytest.approx(logged["student_ratio"] - logged["teacher_ratio"], abs=1e-5)
+        else:
+            assert logged["student_layer"] == 3 and logged["teacher_layer"] == 4
+
+
+def test_training_from_parts(shapes, tmp_path):
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=48,
+            patch_size=6,
+        )
+    )
+    vision.save_pretrained(tmp_path / "vision")
+    CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(
+        tmp_path / "vision"
+    )
+    tokenizer = word_tokenizer(vocabulary_texts(SynthConfig()))
+    tokenizer.save_pretrained(tmp_path / "llm")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    ).save_pretrained(tmp_path / "llm")
+    save_file(
+        {
+            "model.mm_projector.0.weight": torch.randn(64, 32) * 0.02,
+            "model.mm_projector.0.bias": torch.zeros(64),
+            "model.mm_projector.2.weight": torch.randn(64, 64) * 0.02,
+            "model.mm_projector.2.bias": torch.zeros(64),
+        },
+        str(tmp_path / "projector.safetensors"),
+    )
+    argv = tiny_options(shapes, tmp_path / "run", model="", max_steps=1)
+    argv = [a for a in argv if a not in ("--model", "")] + [
+        "--vision_tower",
+        str(tmp_path / "vision"),
+        "--language_model",
+        str(tmp_path / "llm"),
+        "--projector",
+        str(tmp_path / "projector.safetensors"),
+    ]
+    final = run_training(*parse_recipe(None, argv))
+    model = LlavaForConditionalGeneration.from_pretrained(final)
+    assert model.config.image_seq_length == 64
+    assert (final / "epic.json").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +32,31 @@ def test_two_process_ddp_matches_one_process(shapes, tmp_path):
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = load_file(single / "model.safetensors")
+    actual = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not installed beside this Python")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_one_process(shapes, tmp_path, stage):
+    """ZeRO-2 and ZeRO-3 on two CPU processes; under ZeRO-3 the teacher pass gathers the same partitioned weights."""
+    pytest.importorskip("deepspeed")
+    common = {"mode": "tcd", "method": "dart", "max_steps": 3, "learning_rate": 0.1, "optim": "sgd"}
+    one = tiny_options(shapes, tmp_path / "one", per_device_train_batch_size=4, gradient_accumulation_steps=2, **common)
+    single = run_training(*parse_recipe(None, one))
+    config = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed" / f"zero{stage}.json"
+    two = tiny_options(shapes, tmp_path / "two", per_device_train_batch_size=4, deepspeed=config, **common)
+    result = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "epic.cli", "train", *two],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     expected = load_file(single / "model.safetensors")

@@ -13,7 +13,11 @@ MODES = ("sft", "tcd", "lcd", "tcd+lcd")
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Compression of one micro-step. A ratio of None or a layer equal to `num_layers` means no compression."""
+    """Compression of one micro-step. A ratio of None or a layer equal to `num_layers` means no compression.
+
+    A ratio of 0 still attaches the method (keeping every token): every rank then calls the same modules in the
+    same order whatever it drew, which DeepSpeed ZeRO-3 needs (it gathers weights per module call).
+    """
 
     student_ratio: float | None
     student_layer: int
@@ -23,11 +27,11 @@ class StepPlan:
 
     @property
     def student_compresses(self) -> bool:
-        return self.student_ratio is not None and self.student_ratio > 0 and self.student_layer < self.num_layers
+        return self.student_ratio is not None and self.student_layer < self.num_layers
 
     @property
     def teacher_compresses(self) -> bool:
-        return self.teacher_ratio is not None and self.teacher_ratio > 0 and self.teacher_layer < self.num_layers
+        return self.teacher_ratio is not None and self.teacher_layer < self.num_layers
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Training options: YAML recipes plus `--key value` overrides, parsed by `HfArgumentParser` into dataclasses.
 
 A recipe is a flat YAML mapping of option names (ours below, and any of transformers' `TrainingArguments`). A
-recipe may `include:` other YAML files (paths relative to it), e.g. a DeepSpeed part; the including file wins.
+recipe may `include:` other YAML files (paths relative to it), e.g. a DeepSpeed part; the including file wins. A
+`deepspeed:` path that names a file beside its YAML file is resolved there.
 Every option, with its default and help, is listed by `epic train --help`.
 """
 
@@ -119,6 +120,9 @@ def read_recipe(path: Path) -> dict[str, Any]:
     recipe = yaml.safe_load(path.read_text()) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: a recipe must be a mapping of option names to values")
+    deepspeed = recipe.get("deepspeed")
+    if isinstance(deepspeed, str) and (path.parent / deepspeed).is_file():
+        recipe["deepspeed"] = str((path.parent / deepspeed).resolve())  # a config beside the recipe part
     merged: dict[str, Any] = {}
     includes = recipe.pop("include", [])
     for include in [includes] if isinstance(includes, str) else includes:

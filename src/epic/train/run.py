@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainingArguments, set_seed
@@ -16,9 +18,23 @@ from epic.models.assemble import assemble_llava
 from epic.models.factory import build_tiny_llava_with_processor, save_llava, saved_template
 from epic.models.tiny import TinyLlavaSpec
 from epic.train.config import SCHEDULES, DataArguments, DistillArguments, ModelArguments
-from epic.train.trainer import EpicTrainer, last_complete_checkpoint, llava_of
+from epic.train.trainer import EpicTrainer, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _whole_parameters() -> Iterator[None]:
+    """Build a model from a config with whole parameters even under ZeRO-3 (transformers' random init cannot run on
+    partitioned weights); the DeepSpeed engine partitions them when training starts."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = reference
 
 
 def build_model(args: ModelArguments):
@@ -35,9 +51,10 @@ def build_model(args: ModelArguments):
             image_size=args.tiny_image_size,
             patch_size=args.tiny_patch_size,
         )
-        model, processor = build_tiny_llava_with_processor(
-            vocabulary_texts(SynthConfig()), spec, attn_implementation=args.attn_implementation
-        )
+        with _whole_parameters():
+            model, processor = build_tiny_llava_with_processor(
+                vocabulary_texts(SynthConfig()), spec, attn_implementation=args.attn_implementation
+            )
         return model, processor, args.template or "vicuna_v1"
     if args.model:
         model = LlavaForConditionalGeneration.from_pretrained(args.model, attn_implementation=args.attn_implementation)
@@ -104,6 +121,15 @@ def prepare_model(model, args: DistillArguments):
     return get_peft_model(model, config)
 
 
+def _connect_processes(training_args: TrainingArguments) -> None:
+    """Start the process group (and DeepSpeed's) before any model exists: ZeRO-3 partitions at construction."""
+    device = training_args.device
+    if training_args.deepspeed and training_args.world_size > 1:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
+
+
 def run_training(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -112,6 +138,7 @@ def run_training(
 ) -> Path:
     """Train as the options say; returns the folder of the final checkpoint (a plain transformers LLaVA)."""
     set_seed(training_args.seed)
+    _connect_processes(training_args)
     training_args.remove_unused_columns = False  # rows are `Example`s, batched by our collator
     train_file = Path(data_args.train_file)
     if data_args.synthesize and not train_file.exists():
@@ -155,9 +182,9 @@ def run_training(
         logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = Path(training_args.output_dir) / "final"
-    if trainer.args.should_save:
-        trained = llava_of(trainer.model)
-        if distill_args.lora_r > 0:
-            trained = trainer.model.merge_and_unload()
-        save_llava(trained, processor, final, template_name)
+    if distill_args.lora_r > 0:
+        if trainer.args.should_save:
+            save_llava(trainer.model.merge_and_unload(), processor, final, template_name)
+    else:
+        trainer.save_model(str(final))  # gathers ZeRO-3 partitions; writes the processor and epic.json too
     return final

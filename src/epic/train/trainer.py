@@ -200,7 +200,8 @@ class EpicTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
-        write_template(Path(output_dir or self.args.output_dir), self.template)
+        if self.args.should_save:
+            write_template(Path(output_dir or self.args.output_dir), self.template)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Restore the weights through `from_pretrained`, which maps the saved key names back to the modules.

@@ -5,7 +5,7 @@ method is one small file with a `@register_method("name")` dataclass.
 """
 
 from epic.compression import methods
-from epic.compression.engine import Budget, Compression, compress
+from epic.compression.engine import Budget, Compression, Prefix, compress, run_suffix
 from epic.compression.registry import METHODS, CompressionMethod, build_method, register_method
 from epic.compression.selection import ImageSelection
 
@@ -15,8 +15,10 @@ __all__ = [
     "Compression",
     "CompressionMethod",
     "ImageSelection",
+    "Prefix",
     "build_method",
     "compress",
     "methods",
     "register_method",
+    "run_suffix",
 ]

@@ -43,10 +43,15 @@ def scoring_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     *,
-    epic_scoring: ScoringCall,
+    epic_scoring: ScoringCall | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Capture (query, key), then run the model's real attention implementation with its real config."""
+    """Capture (query, key), then run the model's real attention implementation with its real config.
+
+    Without an `epic_scoring` call (its compression is paused) it just runs the real implementation.
+    """
+    if epic_scoring is None:
+        epic_scoring = module.config._epic_passthrough
     if epic_scoring.capture is not None:
         epic_scoring.capture(module, query, key)
     implementation = epic_scoring.config._attn_implementation
@@ -65,8 +70,10 @@ def ensure_registered() -> None:
         AttentionInterface.register(SCORING_ATTENTION, scoring_attention)
 
 
-def routed_config(config: PreTrainedConfig) -> PreTrainedConfig:
-    """A shallow copy of `config` whose attention implementation is `scoring_attention`."""
+def routed_config(config: PreTrainedConfig, eager: Callable) -> PreTrainedConfig:
+    """A shallow copy of `config` whose attention implementation is `scoring_attention`; it remembers how to run
+    the real implementation when no capture is asked for."""
     routed = copy.copy(config)
     routed._attn_implementation_internal = SCORING_ATTENTION
+    routed._epic_passthrough = ScoringCall(config, eager, None)
     return routed

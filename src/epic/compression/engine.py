@@ -107,6 +107,15 @@ class _CacheRecord:
     original_length: int
 
 
+@dataclass
+class Prefix:
+    """What entered the compression layer in the last forward with images (see `compress(record_prefix=True)`)."""
+
+    hidden_states: torch.Tensor  # [B, L, d], detached, before any token was dropped
+    layer_kwargs: dict[str, Any]  # that layer's other inputs: mask, position ids, rotary (cos, sin)
+    batch: _Batch
+
+
 def _language_model(model: nn.Module) -> nn.Module:
     inner = getattr(model, "model", None)
     language_model = getattr(inner, "language_model", None)
@@ -149,6 +158,7 @@ class Compression:
         seed: int,
         profile: bool,
         options: dict[str, Any],
+        record_prefix: bool = False,
     ) -> None:
         self.model = model
         self.language_model = _language_model(model)
@@ -174,12 +184,15 @@ class Compression:
         self.original_positions: torch.Tensor | None = None
         self.tokens_per_image: int | None = None
         self.scoring_seconds = 0.0
+        self.record_prefix = record_prefix
+        self.prefix: Prefix | None = None
 
         self._signature = inspect.signature(model.forward)
         self._layer_types = [self._attention_type(i) for i in range(len(layers))]
         self._batch: _Batch | None = None
         self._decoding = False
         self._active = False
+        self._paused = False
         self._decode_mask: torch.Tensor | None = None
         self._plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # rotary cos of a forward -> _Plan
         self._cache_record: _CacheRecord | None = None
@@ -189,9 +202,11 @@ class Compression:
         ensure_registered()
         scoring_module = layers[layer - 1].self_attn
         self._scoring_module = scoring_module
-        self._original_config = scoring_module.config
+        self._routed_before = scoring_module.config  # restored on removal (another compression may have routed it)
+        passthrough = getattr(scoring_module.config, "_epic_passthrough", None)
+        self._original_config = passthrough.config if passthrough is not None else scoring_module.config
         self._eager = getattr(inspect.getmodule(type(scoring_module)), "eager_attention_forward", llama_eager_attention)
-        scoring_module.config = routed_config(self._original_config)
+        scoring_module.config = routed_config(self._original_config, self._eager)
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model, with_kwargs=True))
         self._handles.append(model.get_output_embeddings().register_forward_pre_hook(self._before_lm_head))
@@ -206,16 +221,50 @@ class Compression:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._scoring_module.config = self._original_config
+        self._scoring_module.config = self._routed_before
         self._plans = WeakIdKeyDictionary()
         self._batch = None
         self._cache_record = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Let the model run uncompressed by this handle for a while (another compression may run meanwhile)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def __enter__(self) -> Compression:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+    # ----------------------------------------------------------------------------------------- suffix runs
+    def _begin_suffix(self, batch: _Batch, scores_ready: bool) -> None:
+        """Act as if a forward of `batch` had run up to here (see `run_suffix`)."""
+        self._batch = _Batch(
+            batch.attention_mask,
+            batch.image_mask,
+            batch.images,
+            batch.prompt_last,
+            batch.text_positions,
+            labels=None,
+            loss_kwargs={},
+            attention=batch.attention if scores_ready else None,
+            key_norms=batch.key_norms if scores_ready else None,
+        )
+        self._active, self._decoding = True, False
+
+    def _end_suffix(self) -> _Batch:
+        batch, self._batch, self._active = self._batch, None, False
+        if batch.plan is not None:
+            self.original_positions = torch.where(batch.plan.valid, batch.plan.gather_index, -1)
+            self.kept = [
+                torch.cat(row).sort().values if row else torch.empty(0, dtype=torch.long) for row in batch.kept
+            ]
+        return batch
 
     # ----------------------------------------------------------------------------------------- validation
     def _check_budget_against_config(self) -> None:
@@ -247,7 +296,10 @@ class Compression:
         self.scoring_seconds += time.perf_counter() - start
 
     # ----------------------------------------------------------------------------------------- model hooks
-    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._paused:
+            return None
+        self.prefix = None
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         inputs = {**bound.pop("kwargs", {}), **bound}
         input_ids = inputs.get("input_ids")
@@ -369,6 +421,8 @@ class Compression:
         raise ValueError("input_ids contain image tokens but neither pixel_values nor mm_encoder_outputs were given")
 
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._paused:
+            return output
         batch, self._batch, self._active = self._batch, None, False
         if self._decoding:
             return output
@@ -400,7 +454,7 @@ class Compression:
     def _before_lm_head(self, module: nn.Module, args: tuple) -> tuple | None:
         """With a boolean `logits_to_keep` (original coordinates), project only those rows: logits are [N, V]."""
         batch = self._batch
-        if batch is None or batch.logits_mask is None or self._decoding:
+        if self._paused or batch is None or batch.logits_mask is None or self._decoding:
             return None
         plan = batch.plan
         wanted = batch.logits_mask.to(plan.valid.device)
@@ -410,7 +464,9 @@ class Compression:
         return (args[0][slots],)
 
     # ----------------------------------------------------------------------------------------- layer hooks
-    def _before_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _before_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._paused:
+            return None
         batch = self._batch
         rotary = kwargs["position_embeddings"][0]
         capture = None
@@ -453,6 +509,8 @@ class Compression:
         return hook
 
     def _before_compressed_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self._paused:
+            return None
         if args:
             hidden_states, args = args[0], args[1:]
         else:
@@ -468,6 +526,8 @@ class Compression:
                 )
             if index != self.layer:
                 return None  # a forward without images: nothing was compressed
+            if self.record_prefix and self._batch is not None and not self._decoding:
+                self.prefix = Prefix(hidden_states.detach(), dict(kwargs), self._batch)
             plan = self._new_plan(hidden_states, kwargs)
             if plan is None:
                 return None
@@ -629,6 +689,7 @@ def compress(
     layer: int = 2,
     seed: int = 0,
     profile: bool = False,
+    record_prefix: bool = False,
     **options: Any,
 ) -> Compression:
     """Compress the visual tokens of `model` before decoder layer `layer`.
@@ -641,8 +702,44 @@ def compress(
         layer: K, the first decoder layer that sees the compressed sequence (1 <= K < num_layers).
         seed: seeds the generator of methods that draw at random.
         profile: synchronise the GPU around scoring so `scoring_seconds` is exact.
+        record_prefix: keep what enters layer K in `.prefix`, so `run_suffix` can run the layers from K again under
+            another compression without recomputing the layers below (a distillation teacher).
         **options: the method's options, e.g. `pivots_image=4, pivots_text=4` for DART.
 
     Returns a `Compression` handle: a context manager, or call `.remove()` to detach it.
     """
-    return Compression(model, method, Budget(tokens=tokens, ratio=ratio), layer, seed, profile, options)
+    return Compression(model, method, Budget(tokens=tokens, ratio=ratio), layer, seed, profile, options, record_prefix)
+
+
+def run_suffix(
+    model: nn.Module, prefix: Prefix, start: int, logits_mask: torch.Tensor, compression: Compression | None = None
+) -> torch.Tensor:
+    """Logits [N, V] at the `logits_mask` positions (original coordinates, [B, L] bool) of a forward resumed at
+    decoder layer `start` from `prefix` (recorded entering that layer), under `compression` or none.
+
+    The layers below `start` are not run again: a teacher that compresses at or after the student's layer shares
+    them. `compression` must be attached to `model` and compress at a layer >= `start`; pause any other
+    compression attached to the same model meanwhile.
+    """
+    language_model = _language_model(model)
+    if compression is not None:
+        if compression.layer < start:
+            raise ValueError(f"a suffix from layer {start} cannot compress at layer {compression.layer}")
+        compression._begin_suffix(prefix.batch, scores_ready=compression.layer == start)
+    hidden_states = prefix.hidden_states
+    layer_kwargs = {**prefix.layer_kwargs, "past_key_values": None, "use_cache": False}  # never touch a cache
+    try:
+        for layer in language_model.layers[start:]:
+            hidden_states = layer(hidden_states, **layer_kwargs)
+    finally:
+        batch = compression._end_suffix() if compression is not None else None
+    hidden_states = language_model.norm(hidden_states)
+    if batch is not None and batch.plan is not None:
+        plan = batch.plan
+        slots = logits_mask.to(plan.valid.device).gather(1, plan.gather_index) & plan.valid
+        if int(slots.sum()) != int(logits_mask.sum()):
+            raise ValueError("logits were asked for at positions that compression dropped (visual tokens)")
+        rows = hidden_states[slots]
+    else:
+        rows = hidden_states[logits_mask.to(hidden_states.device)]
+    return model.get_output_embeddings()(rows)

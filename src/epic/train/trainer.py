@@ -1,9 +1,10 @@
 """`EpicTrainer`: HF `Trainer` with EPIC's consistency distillation in one `compute_loss`.
 
-One model, shared weights. Per micro-step: the vision tower and projector run once; the teacher pass runs under
-`torch.no_grad()` with milder compression (or none); the student pass runs with gradients under stronger
-compression. Logits are projected only at the positions whose next label is supervised (the engine maps them
-through original positions, so teacher and student rows are aligned), where CE (student) and KL (fp32) are computed.
+One model, shared weights. Per micro-step: the vision tower and projector run once; the student pass runs with
+gradients under stronger compression and records what enters its compression layer; the teacher resumes from there
+under `torch.no_grad()` with milder compression (or none), so the layers below are computed once for both. Logits
+are projected only at the positions whose next label is supervised (the engine maps them through original positions,
+so teacher and student rows are aligned), where CE (student) and KL (fp32) are computed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from epic.compression import Compression, compress
+from epic.compression import Compression, compress, run_suffix
 from epic.data.sampler import ModalityLengthGroupedSampler
 from epic.distill import Curriculum, StepPlan, ce_rows, distilled_positions, kl_rows, step_generator
 from epic.models.factory import write_template
@@ -76,8 +77,33 @@ class EpicTrainer(Trainer):
         seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))  # for Random's own draws
         return self.curriculum.step(progress, generator), seed
 
-    def _attach(self, llava: nn.Module, ratio: float, layer: int, seed: int) -> Compression:
-        return compress(llava, self.method, ratio=ratio, layer=layer, seed=seed, **self.method_options)
+    def _attach(
+        self, llava: nn.Module, ratio: float, layer: int, seed: int, record_prefix: bool = False
+    ) -> Compression:
+        return compress(
+            llava, self.method, ratio=ratio, layer=layer, seed=seed, record_prefix=record_prefix, **self.method_options
+        )
+
+    def _teacher_rows(
+        self, llava: nn.Module, plan: StepPlan, seed: int, forward: dict[str, Any], wanted: torch.Tensor
+    ) -> torch.Tensor:
+        """The teacher's logits at the `wanted` positions, with its milder compression (or none).
+
+        The layers below the student's compression layer compute the same thing for both, so the teacher resumes
+        from what the student recorded entering that layer; without a record (a text-only batch) it runs whole.
+        """
+        student = self._student
+        teacher = self._attach(llava, plan.teacher_ratio, plan.teacher_layer, seed) if plan.teacher_compresses else None
+        try:
+            if student is None:
+                return llava(**forward, logits_to_keep=wanted).logits
+            with student.paused():
+                if student.prefix is None:
+                    return llava(**forward, logits_to_keep=wanted).logits
+                return run_suffix(llava, student.prefix, student.layer, wanted, teacher)
+        finally:
+            if teacher is not None:
+                teacher.remove()
 
     def compute_loss(
         self,
@@ -111,18 +137,11 @@ class EpicTrainer(Trainer):
         wanted = distilled_positions(labels)  # [B, L]: logits at t predict labels[t + 1]
         targets = labels[:, 1:][wanted[:, :-1]]
 
-        with torch.no_grad():
-            teacher = (
-                self._attach(llava, plan.teacher_ratio, plan.teacher_layer, seed) if plan.teacher_compresses else None
-            )
-            try:
-                teacher_rows = llava(**forward, logits_to_keep=wanted).logits
-            finally:
-                if teacher is not None:
-                    teacher.remove()
         if plan.student_compresses:
-            self._student = self._attach(llava, plan.student_ratio, plan.student_layer, seed)
+            self._student = self._attach(llava, plan.student_ratio, plan.student_layer, seed, record_prefix=True)
         student_rows = model(**forward, logits_to_keep=wanted).logits
+        with torch.no_grad():
+            teacher_rows = self._teacher_rows(llava, plan, seed, forward, wanted)
         ce = ce_rows(student_rows, targets, num_items_in_batch)
         kd = kl_rows(student_rows, teacher_rows, self.temperature, num_items_in_batch)
         loss = self.alpha * kd + (1 - self.alpha) * ce

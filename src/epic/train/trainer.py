@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from epic.compression import Compression, compress, run_suffix
+from epic.compression import Compression
 from epic.data.sampler import ModalityLengthGroupedSampler
-from epic.distill import Curriculum, StepPlan, ce_rows, distilled_positions, kl_rows, step_generator
+from epic.distill import Curriculum, StepPlan, step_generator
 from epic.models.factory import write_template
+from epic.train.step import ConsistencyLoss
 
 COMPLETE_MARKER = ".complete"
 
@@ -54,10 +55,7 @@ class EpicTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.curriculum = curriculum
-        self.method = method
-        self.method_options = method_options
-        self.alpha = alpha
-        self.temperature = temperature
+        self.consistency = ConsistencyLoss(method, method_options, alpha, temperature)
         self.compression_seed = compression_seed
         self.template = template
         self.projector_lr = projector_lr
@@ -77,34 +75,6 @@ class EpicTrainer(Trainer):
         seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))  # for Random's own draws
         return self.curriculum.step(progress, generator), seed
 
-    def _attach(
-        self, llava: nn.Module, ratio: float, layer: int, seed: int, record_prefix: bool = False
-    ) -> Compression:
-        return compress(
-            llava, self.method, ratio=ratio, layer=layer, seed=seed, record_prefix=record_prefix, **self.method_options
-        )
-
-    def _teacher_rows(
-        self, llava: nn.Module, plan: StepPlan, seed: int, forward: dict[str, Any], wanted: torch.Tensor
-    ) -> torch.Tensor:
-        """The teacher's logits at the `wanted` positions, with its milder compression (or none).
-
-        The layers below the student's compression layer compute the same thing for both, so the teacher resumes
-        from what the student recorded entering that layer; without a record (a text-only batch) it runs whole.
-        """
-        student = self._student
-        teacher = self._attach(llava, plan.teacher_ratio, plan.teacher_layer, seed) if plan.teacher_compresses else None
-        try:
-            if student is None:
-                return llava(**forward, logits_to_keep=wanted).logits
-            with student.paused():
-                if student.prefix is None:
-                    return llava(**forward, logits_to_keep=wanted).logits
-                return run_suffix(llava, student.prefix, student.layer, wanted, teacher)
-        finally:
-            if teacher is not None:
-                teacher.remove()
-
     def compute_loss(
         self,
         model: nn.Module,
@@ -114,41 +84,21 @@ class EpicTrainer(Trainer):
     ):
         llava = llava_of(model)
         plan, seed = self._step_plan()
-        labels = inputs["labels"]
         if self.curriculum.mode == "sft":
             if plan.student_compresses:
-                self._student = self._attach(llava, plan.student_ratio, plan.student_layer, seed)
+                self._student = self.consistency.attach(llava, plan.student_ratio, plan.student_layer, seed)
             extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
             outputs = model(**inputs, **extra)
             self._record(plan, ce=outputs.loss.item())
             loss = self._scale_for_devices(outputs.loss, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 
-        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        if inputs.get("pixel_values") is not None:
-            config = llava.config
-            features = llava.model.get_image_features(
-                pixel_values=inputs["pixel_values"],
-                vision_feature_layer=config.vision_feature_layer,
-                vision_feature_select_strategy=config.vision_feature_select_strategy,
-                return_dict=True,
-            )
-            forward["mm_encoder_outputs"] = {"image": features}  # computed once, fed to both passes
-        wanted = distilled_positions(labels)  # [B, L]: logits at t predict labels[t + 1]
-        targets = labels[:, 1:][wanted[:, :-1]]
-
-        if plan.student_compresses:
-            self._student = self._attach(llava, plan.student_ratio, plan.student_layer, seed, record_prefix=True)
-        student_rows = model(**forward, logits_to_keep=wanted).logits
-        with torch.no_grad():
-            teacher_rows = self._teacher_rows(llava, plan, seed, forward, wanted)
-        ce = ce_rows(student_rows, targets, num_items_in_batch)
-        kd = kl_rows(student_rows, teacher_rows, self.temperature, num_items_in_batch)
-        loss = self.alpha * kd + (1 - self.alpha) * ce
-        local = float(num_items_in_batch) / max(targets.numel(), 1) if num_items_in_batch is not None else 1.0
+        result = self.consistency(model, llava, inputs, plan, seed, num_items_in_batch)
+        self._student, loss, ce, kd = result.student, result.loss, result.ce, result.kd
+        local = float(num_items_in_batch) / max(result.rows, 1) if num_items_in_batch is not None else 1.0
         self._record(plan, ce=ce.item() * local, kd=kd.item() * local)  # logged as this micro-batch's means
         loss = self._scale_for_devices(loss, num_items_in_batch)
-        return (loss, {"logits": student_rows}) if return_outputs else loss
+        return (loss, {"logits": result.student_rows}) if return_outputs else loss
 
     def _scale_for_devices(self, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
         """As the Trainer's own `compute_loss`: a loss normalised by the token count of all ranks is multiplied by

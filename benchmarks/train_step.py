@@ -1,0 +1,253 @@
+"""Training-step cost of SFT, TCD and LCD, and of a step in the style of the released EPIC code, in one run.
+
+The same batch for every configuration; each timed step is forward(s) + backward + AdamW step. Configurations are
+timed round-robin (so drift of the machine hits all alike) and reported as medians and as ratios to SFT at full
+tokens and to SFT at the student's budget. Peak memory is measured per configuration in a fresh subprocess (the
+resident-set size sampled every millisecond during one step, above what the process held before that step).
+
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py
+
+Points of the schedule: the end (student 64 tokens, teacher 128) and the middle (student 288, teacher all) for TCD;
+for LCD at 64 tokens, the end (student layer K=2, teacher layer 4) and the middle (student layer 4, teacher 6).
+"Released-style" reruns the whole model (vision tower included) for the teacher, scatters both logit tensors back
+to full length and takes a full-vocabulary fp32 KL over every position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import epic
+from epic.distill import StepPlan
+from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
+from epic.train.step import ConsistencyLoss
+
+SPEC = TinyLlavaSpec(
+    vocab_size=4000,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=8,
+    image_size=336,
+    patch_size=14,
+    vision_hidden_size=64,
+    vision_layers=2,
+    vision_heads=2,
+)
+IMAGE = SPEC.image_tokens  # 576
+CONFIGS = [
+    "sft_full",
+    "sft_student",
+    "tcd_end",
+    "tcd_middle",
+    "lcd_end",
+    "lcd_middle",
+    "released_end",
+    "released_middle",
+]
+
+
+def make_batch(rows: int, prompt: int, answer: int) -> dict[str, torch.Tensor]:
+    """Rows of BOS, 5 text tokens, one image, `prompt` question tokens and an `answer` (the supervised part)."""
+    generator = torch.Generator().manual_seed(0)
+    text = lambda n: torch.randint(3, SPEC.image_token_id, (rows, n), generator=generator)  # noqa: E731
+    input_ids = torch.cat(
+        [
+            torch.ones(rows, 1, dtype=torch.long),
+            text(5),
+            torch.full((rows, IMAGE), SPEC.image_token_id),
+            text(prompt),
+            text(answer),
+        ],
+        dim=1,
+    )
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -answer:] = input_ids[:, -answer:]
+    pixel_values = torch.randn(rows, 3, SPEC.image_size, SPEC.image_size, generator=generator)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "pixel_values": pixel_values,
+    }
+
+
+def ratio(tokens: int) -> float:
+    return 1.0 - tokens / IMAGE
+
+
+def plans(layers: int) -> dict[str, StepPlan]:
+    end, middle = ratio(64), ratio(288)
+    return {
+        "tcd_end": StepPlan(end, 2, ratio(128), 2, layers),
+        "tcd_middle": StepPlan(middle, 2, 0.0, 2, layers),
+        "lcd_end": StepPlan(end, 2, end, 4, layers),
+        "lcd_middle": StepPlan(end, 4, end, 6, layers),
+        "released_end": StepPlan(end, 2, ratio(128), 2, layers),
+        "released_middle": StepPlan(middle, 2, 0.0, 2, layers),
+    }
+
+
+def released_style(model, batch, plan: StepPlan, method: str, alpha: float) -> torch.Tensor:
+    """A step as the released code does it: a second full model call for the teacher (vision rerun), both logit
+    tensors scattered back to full length, a full-vocabulary fp32 KL over every position (its labels[t] test)."""
+    length = batch["input_ids"].shape[1]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def full_length(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = logits.new_zeros(logits.shape[0], length, logits.shape[-1])
+        index = positions.clamp(min=0)[..., None].expand_as(logits)
+        return out.scatter(1, index, logits * (positions >= 0)[..., None])
+
+    with torch.no_grad(), epic.compress(model, method, ratio=plan.teacher_ratio, layer=plan.teacher_layer) as teacher:
+        teacher_logits = full_length(model(**inputs).logits, teacher.original_positions)
+    student = epic.compress(model, method, ratio=plan.student_ratio, layer=plan.student_layer)
+    out = model(**batch)
+    student_logits = full_length(out.logits, student.original_positions)
+    teacher_log = F.log_softmax(teacher_logits.float(), dim=-1)
+    kl = (teacher_log.exp() * (teacher_log - F.log_softmax(student_logits.float(), dim=-1))).sum(-1)
+    mask = batch["labels"] != -100
+    loss = alpha * (kl * mask).sum() / mask.sum() + (1 - alpha) * out.loss
+    loss.backward()
+    student.remove()
+    return loss
+
+
+def step_function(name: str, model, batch, method: str) -> Callable[[], None]:
+    """One training step of configuration `name` (forward(s) + backward; the caller steps the optimizer)."""
+    layers = SPEC.num_layers
+    if name == "sft_full":
+        return lambda: model(**batch).loss.backward()
+    if name == "sft_student":
+
+        def sft_student() -> None:
+            with epic.compress(model, method, tokens=64, layer=2):
+                model(**batch).loss.backward()
+
+        return sft_student
+    plan = plans(layers)[name]
+    if name.startswith("released"):
+        return lambda: released_style(model, batch, plan, method, alpha=0.5)
+    loss = ConsistencyLoss(method, {}, alpha=0.5)
+
+    def consistency() -> None:
+        result = loss(model, model, batch, plan, seed=0)
+        result.loss.backward()
+        result.student.remove()
+
+    return consistency
+
+
+def setup(method: str, rows: int, prompt: int, answer: int):
+    model = build_tiny_llava(SPEC).train()
+    model.model.vision_tower.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return model, optimizer, make_batch(rows, prompt, answer)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def peak_memory(name: str, args) -> float:
+    """MB above the pre-step resident set during one step (after a warm-up step), in this process."""
+    model, optimizer, batch = setup(args.method, args.rows, args.prompt, args.answer)
+    step = step_function(name, model, batch, args.method)
+    step()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    before, peak, running = rss_bytes(), [0], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    step()
+    optimizer.step()
+    running[0] = False
+    sampler.join()
+    return (max(peak[0], rss_bytes()) - before) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="dart")
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=200, help="question tokens per row")
+    parser.add_argument("--answer", type=int, default=60, help="answer tokens per row")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.memory_of:
+        print(json.dumps({"peak_mb": peak_memory(args.memory_of, args)}))
+        return
+
+    configs = args.configs.split(",")
+    model, optimizer, batch = setup(args.method, args.rows, args.prompt, args.answer)
+    steps = {name: step_function(name, model, batch, args.method) for name in configs}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for round_index in range(args.repeats + 1):  # the first round warms up
+        for name in configs:
+            start = time.perf_counter()
+            steps[name]()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    memory = {}
+    for name in configs:
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-of",
+            name,
+            "--method",
+            args.method,
+            "--rows",
+            str(args.rows),
+            "--prompt",
+            str(args.prompt),
+            "--answer",
+            str(args.answer),
+        ]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        memory[name] = json.loads(output.strip().splitlines()[-1])["peak_mb"]
+
+    median = {name: statistics.median(values) for name, values in times.items()}
+    length = batch["input_ids"].shape[1]
+    print(
+        f"# train step: 8-layer 512-wide Llama-LLaVA, vocab {SPEC.vocab_size}, {args.rows} rows of {length} tokens "
+        f"({IMAGE} visual), K=2, {args.method}, one thread, median of {args.repeats}"
+    )
+    print(f"{'config':<16} {'ms':>8} {'x SFT full':>11} {'x SFT student':>14} {'peak MB':>9}")
+    for name in configs:
+        full = median[name] / median["sft_full"] if "sft_full" in median else float("nan")
+        student = median[name] / median["sft_student"] if "sft_student" in median else float("nan")
+        print(f"{name:<16} {median[name] * 1e3:>8.1f} {full:>11.3f} {student:>14.3f} {memory[name]:>9.1f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "median_s": median, "peak_mb": memory, "times": times}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -151,8 +151,8 @@ def step_function(name: str, model, batch, method: str) -> Callable[[], None]:
     return consistency
 
 
-def setup(method: str, rows: int, prompt: int, answer: int):
-    model = build_tiny_llava(SPEC).train()
+def setup(method: str, rows: int, prompt: int, answer: int, attn: str = "sdpa"):
+    model = build_tiny_llava(SPEC, attn_implementation=attn).train()
     model.model.vision_tower.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return model, optimizer, make_batch(rows, prompt, answer)
@@ -165,7 +165,7 @@ def rss_bytes() -> int:
 
 def peak_memory(name: str, args) -> float:
     """MB above the pre-step resident set during one step (after a warm-up step), in this process."""
-    model, optimizer, batch = setup(args.method, args.rows, args.prompt, args.answer)
+    model, optimizer, batch = setup(args.method, args.rows, args.prompt, args.answer, args.attn)
     step = step_function(name, model, batch, args.method)
     step()
     optimizer.step()
@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=200, help="question tokens per row")
     parser.add_argument("--answer", type=int, default=60, help="answer tokens per row")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--attn", default="sdpa", help="eager or sdpa")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
@@ -203,7 +204,7 @@ def main() -> None:
         return
 
     configs = args.configs.split(",")
-    model, optimizer, batch = setup(args.method, args.rows, args.prompt, args.answer)
+    model, optimizer, batch = setup(args.method, args.rows, args.prompt, args.answer, args.attn)
     steps = {name: step_function(name, model, batch, args.method) for name in configs}
     times: dict[str, list[float]] = {name: [] for name in configs}
     for round_index in range(args.repeats + 1):  # the first round warms up

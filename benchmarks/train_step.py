@@ -238,7 +238,7 @@ def main() -> None:
     length = batch["input_ids"].shape[1]
     print(
         f"# train step: 8-layer 512-wide Llama-LLaVA, vocab {SPEC.vocab_size}, {args.rows} rows of {length} tokens "
-        f"({IMAGE} visual), K=2, {args.method}, one thread, median of {args.repeats}"
+        f"({IMAGE} visual), K=2, {args.method}, {args.attn}, one thread, median of {args.repeats}"
     )
     print(f"{'config':<16} {'ms':>8} {'x SFT full':>11} {'x SFT student':>14} {'peak MB':>9}")
     for name in configs:

@@ -115,3 +115,62 @@ def at_slots(
     real = (original_positions >= 0) & attention_mask.bool().gather(1, index)
     expected = reference.gather(1, index[..., None].expand(-1, -1, reference.shape[-1]))
     return real, expected
+
+
+def save_tiny_parts(folder, texts: list[str], llm_layers: int = 3) -> dict[str, object]:
+    """A tiny CLIP tower (+ its image processor), a Llama LM (+ a word tokenizer fitted to `texts`) and LLaVA-named
+    stage-1 projector weights, saved as the paper's starting parts. Returns the paths and the in-memory parts."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from epic.models.factory import word_tokenizer
+
+    folder = Path(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vision = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=48,
+                patch_size=6,
+            )
+        )
+        tokenizer = word_tokenizer(texts)
+        llm = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=llm_layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                tie_word_embeddings=False,
+            )
+        )
+        projector = {  # LLaVA's own key names for an mlp2x_gelu projector
+            "model.mm_projector.0.weight": torch.randn(64, 32) * 0.02,
+            "model.mm_projector.0.bias": torch.zeros(64),
+            "model.mm_projector.2.weight": torch.randn(64, 64) * 0.02,
+            "model.mm_projector.2.bias": torch.randn(64) * 0.02,
+        }
+    vision.save_pretrained(folder / "vision")
+    CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(
+        folder / "vision"
+    )
+    tokenizer.save_pretrained(folder / "llm")
+    llm.save_pretrained(folder / "llm")
+    save_file(projector, str(folder / "projector.safetensors"))
+    return {
+        "vision": folder / "vision",
+        "llm": folder / "llm",
+        "projector": folder / "projector.safetensors",
+        "vision_model": vision,
+        "llm_model": llm,
+        "projector_weights": projector,
+    }

@@ -5,54 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import epic
 from epic.models.assemble import assemble_llava, load_projector
 from epic.models.factory import word_tokenizer
+from tests.helpers import save_tiny_parts
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=48,
-            patch_size=6,
-        )
-    )
-    vision.save_pretrained(root / "vision")
-    CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(
-        root / "vision"
-    )
-    tokenizer = word_tokenizer(["What color is the shape ? red blue"])
-    tokenizer.save_pretrained(root / "llm")
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        )
-    )
-    llm.save_pretrained(root / "llm")
-    projector = {  # LLaVA's own key names for an mlp2x_gelu projector
-        "model.mm_projector.0.weight": torch.randn(64, 32),
-        "model.mm_projector.0.bias": torch.randn(64),
-        "model.mm_projector.2.weight": torch.randn(64, 64),
-        "model.mm_projector.2.bias": torch.randn(64),
-    }
-    save_file(projector, str(root / "projector.safetensors"))
-    return root, vision, llm, projector
+    saved = save_tiny_parts(tmp_path_factory.mktemp("parts"), ["What color is the shape ? red blue"])
+    return saved["vision"].parent, saved["vision_model"], saved["llm_model"], saved["projector_weights"]
 
 
 def test_assembled_model_holds_every_part(parts):

@@ -18,6 +18,25 @@ from tests.train.conftest import tiny_options
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
+def train_on_two_processes(argv: list[str]) -> None:
+    result = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "epic.cli", "train", *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_same_weights(expected_folder: Path, actual_folder: Path) -> None:
+    expected = load_file(expected_folder / "model.safetensors")
+    actual = load_file(actual_folder / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not installed beside this Python")
 def test_two_process_ddp_matches_one_process(shapes, tmp_path):
     # SGD: an update linear in the gradient, so float-level differences of the all-reduce stay float-level
@@ -26,19 +45,8 @@ def test_two_process_ddp_matches_one_process(shapes, tmp_path):
     single = run_training(*parse_recipe(None, one))
 
     two = tiny_options(shapes, tmp_path / "two", per_device_train_batch_size=4, ddp_backend="gloo", **common)
-    result = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "epic.cli", "train", *two],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected = load_file(single / "model.safetensors")
-    actual = load_file(tmp_path / "two" / "final" / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    train_on_two_processes(two)
+    assert_same_weights(single, tmp_path / "two" / "final")
 
 
 @pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not installed beside this Python")
@@ -51,16 +59,5 @@ def test_deepspeed_zero_matches_one_process(shapes, tmp_path, stage):
     single = run_training(*parse_recipe(None, one))
     config = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed" / f"zero{stage}.json"
     two = tiny_options(shapes, tmp_path / "two", per_device_train_batch_size=4, deepspeed=config, **common)
-    result = subprocess.run(
-        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "epic.cli", "train", *two],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected = load_file(single / "model.safetensors")
-    actual = load_file(tmp_path / "two" / "final" / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    train_on_two_processes(two)
+    assert_same_weights(single, tmp_path / "two" / "final")

@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers import LlavaForConditionalGeneration
 
 from epic.data.shapes import SynthConfig, vocabulary_texts
-from epic.models.factory import word_tokenizer
 from epic.train.config import parse_recipe
 from epic.train.run import build_model, run_training
+from tests.helpers import save_tiny_parts
 from tests.train.conftest import tiny_options
 
 
@@ -66,43 +64,7 @@ def test_every_step_logs_schedule_and_losses(shapes, tmp_path):
 
 
 def test_training_from_parts(shapes, tmp_path):
-    torch.manual_seed(0)
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=48,
-            patch_size=6,
-        )
-    )
-    vision.save_pretrained(tmp_path / "vision")
-    CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(
-        tmp_path / "vision"
-    )
-    tokenizer = word_tokenizer(vocabulary_texts(SynthConfig()))
-    tokenizer.save_pretrained(tmp_path / "llm")
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        )
-    ).save_pretrained(tmp_path / "llm")
-    save_file(
-        {
-            "model.mm_projector.0.weight": torch.randn(64, 32) * 0.02,
-            "model.mm_projector.0.bias": torch.zeros(64),
-            "model.mm_projector.2.weight": torch.randn(64, 64) * 0.02,
-            "model.mm_projector.2.bias": torch.zeros(64),
-        },
-        str(tmp_path / "projector.safetensors"),
-    )
+    save_tiny_parts(tmp_path, vocabulary_texts(SynthConfig()), llm_layers=4)
     argv = tiny_options(shapes, tmp_path / "run", model="", max_steps=1)
     argv = [a for a in argv if a not in ("--model", "")] + [
         "--vision_tower",

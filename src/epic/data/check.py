@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from epic.data.dataset import image_token_count
-from epic.data.encoding import TooLong, encode_conversation
+from epic.data.dataset import encode_record, image_token_count
 from epic.data.records import Problem, read_records
 from epic.data.templates import Template
 
@@ -35,23 +34,13 @@ def check_file(
     """Every check of training; with a processor and template, also whether each row fits `max_length`."""
     report = read_records(path, image_folder, open_images=True)
     problems = list(report.problems)
+    image_tokens = image_token_count(processor) if processor is not None else 0
     valid = 0
     for record in report.records:
         if processor is not None and template is not None:
-            try:
-                encode_conversation(
-                    record.turns,
-                    template,
-                    processor.tokenizer,
-                    processor.image_token_id,
-                    image_token_count(processor),
-                    max_length,
-                )
-            except TooLong as error:
-                problems.append(Problem(record.where, record.record_id, "over-long row", str(error)))
-                continue
-            except ValueError as error:
-                problems.append(Problem(record.where, record.record_id, "template error", str(error)))
+            encoded = encode_record(record, template, processor, image_tokens, max_length)
+            if isinstance(encoded, Problem):
+                problems.append(encoded)
                 continue
         valid += 1
     problems.sort(key=lambda problem: (problem.where.split()[0], int(problem.where.split()[1])))

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from epic.data.encoding import IGNORE_INDEX, TooLong, encode_conversation
+from epic.data.encoding import IGNORE_INDEX, Encoded, TooLong, encode_conversation
 from epic.data.images import load_image
 from epic.data.records import DataError, Problem, Record, load_records
 from epic.data.templates import Template
@@ -28,6 +28,20 @@ def image_token_count(processor) -> int:
     if processor.vision_feature_select_strategy == "default":
         tokens -= 1
     return tokens
+
+
+def encode_record(
+    record: Record, template: Template, processor, image_tokens: int, max_length: int | None
+) -> Encoded | Problem:
+    """A record's training ids and labels, or the `Problem` that stops it (over-long, or the template refuses it)."""
+    try:
+        return encode_conversation(
+            record.turns, template, processor.tokenizer, processor.image_token_id, image_tokens, max_length
+        )
+    except TooLong as error:
+        return Problem(record.where, record.record_id, "over-long row", str(error))
+    except ValueError as error:
+        return Problem(record.where, record.record_id, "template error", str(error))
 
 
 @dataclass
@@ -71,13 +85,9 @@ class LlavaDataset(Dataset):
         self.lengths: list[int] = []  # positive for rows with images, negative for text-only (sampler convention)
         too_long: list[Problem] = []
         for record in records:
-            try:
-                encoded = self._encode(record)
-            except TooLong as error:
-                too_long.append(Problem(record.where, record.record_id, "over-long row", str(error)))
-                continue
-            except ValueError as error:
-                too_long.append(Problem(record.where, record.record_id, "template error", str(error)))
+            encoded = encode_record(record, template, processor, self.image_tokens, max_length)
+            if isinstance(encoded, Problem):
+                too_long.append(encoded)
                 continue
             self.records.append(record)
             length = len(encoded.input_ids)
@@ -93,7 +103,7 @@ class LlavaDataset(Dataset):
                 max_length,
             )
 
-    def _encode(self, record: Record):
+    def _encode(self, record: Record) -> Encoded:
         return encode_conversation(
             record.turns, self.template, self.tokenizer, self.image_token_id, self.image_tokens, self.max_length
         )

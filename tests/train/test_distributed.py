@@ -61,3 +61,17 @@ def test_deepspeed_zero_matches_one_process(shapes, tmp_path, stage):
     two = tiny_options(shapes, tmp_path / "two", per_device_train_batch_size=4, deepspeed=config, **common)
     train_on_two_processes(two)
     assert_same_weights(single, tmp_path / "two" / "final")
+
+
+def test_lora_under_zero3_is_refused_before_compute(shapes, tmp_path):
+    pytest.importorskip("deepspeed")
+    config = Path(__file__).resolve().parents[2] / "recipes" / "deepspeed" / "zero3.json"
+    argv = tiny_options(shapes, tmp_path, lora_r=4, deepspeed=config)
+    result = subprocess.run(  # a separate process: a ZeRO-3 TrainingArguments changes how models are built
+        [sys.executable, "-m", "epic.cli", "train", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0 and "LoRA under DeepSpeed ZeRO-3 is not supported" in result.stderr

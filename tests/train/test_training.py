@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -104,5 +105,45 @@ def test_logits_at_dropped_positions_are_refused():
     model = build_tiny_llava()
     batch = make_batch(TinyLlavaSpec(), [Row()], labels=False)
     wanted = batch["input_ids"] == model.config.image_token_id
-    with pytest.raises(ValueError, match="dropped"), torch.no_grad(), epic.compress(model, "fastv", tokens=4):
+    refused = pytest.raises(ValueError, match=r"dropped|image tokens after")  # the first True ends the prompt
+    with refused, torch.no_grad(), epic.compress(model, "fastv", tokens=4):
         model(**batch, logits_to_keep=wanted)
+
+
+def test_distillation_selects_from_the_prompt_as_a_forward_with_labels_does():
+    """The consistency step passes no labels to the model (it asks for logits rows instead); what it keeps must
+    still be chosen from the prompt only, as in SFT and at inference."""
+    from epic.distill import StepPlan
+    from epic.train.step import ConsistencyLoss
+
+    model = build_tiny_llava()
+    batch = make_batch(TinyLlavaSpec(), [Row(answer=6), Row(before=9, answer=3)], "right")
+    for method in ("fastv", "dart"):
+        with torch.no_grad(), epic.compress(model, method, tokens=5) as with_labels:
+            model(**batch)
+        plan = StepPlan(1 - 5 / 64, 2, 0.0, 2, 4)
+        result = ConsistencyLoss(method, {}, alpha=0.5)(model, model, batch, plan, seed=0)
+        result.student.remove()
+        assert [k.tolist() for k in result.student.kept] == [k.tolist() for k in with_labels.kept]
+
+
+def test_yaml_lists_become_lists(tmp_path):
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("output_dir: out\nlabel_names: [labels, other]\n")
+    assert parse_recipe(recipe)[3].label_names == ["labels", "other"]
+
+
+def test_resume_refuses_a_folder_of_unfinished_checkpoints(shapes, tmp_path):
+    (tmp_path / "checkpoint-4").mkdir()
+    argv = tiny_options(shapes, tmp_path, max_steps=1, resume_from_checkpoint="last")
+    with pytest.raises(ValueError, match="none was saved completely"):
+        run_training(*parse_recipe(None, argv))
+
+
+def test_sft_logs_the_micro_batch_mean_under_accumulation(shapes, tmp_path):
+    argv = tiny_options(
+        shapes, tmp_path, mode="sft", max_steps=1, gradient_accumulation_steps=2, save_strategy="steps", save_steps=1
+    )
+    run_training(*parse_recipe(None, argv))
+    logged = json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())["log_history"][0]
+    assert logged["ce_loss"] == pytest.approx(logged["loss"], rel=0.15)

@@ -337,15 +337,14 @@ class Compression:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         labels = inputs.pop("labels", None)
         loss_kwargs = {key: inputs[key] for key in ("num_items_in_batch",) if key in inputs}
-        self._batch = self._read_batch(inputs, image_mask, valid, labels, loss_kwargs)
-        logits_to_keep = inputs.get("logits_to_keep")
-        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
-            if logits_to_keep.shape != input_ids.shape or labels is not None:
-                raise ValueError(
-                    "a boolean logits_to_keep must be [batch, length] like input_ids and comes without labels"
-                )
-            self._batch.logits_mask = logits_to_keep
-            inputs["logits_to_keep"] = 0
+        logits_mask = inputs.get("logits_to_keep")
+        if not (isinstance(logits_mask, torch.Tensor) and logits_mask.dtype == torch.bool):
+            logits_mask = None
+        elif logits_mask.shape != input_ids.shape or labels is not None:
+            raise ValueError("a boolean logits_to_keep must be [batch, length] like input_ids and comes without labels")
+        self._batch = self._read_batch(inputs, image_mask, valid, labels, loss_kwargs, logits_mask)
+        if logits_mask is not None:
+            inputs["logits_to_keep"] = 0  # the projection of those rows happens at the LM head
         return (), inputs
 
     def _check_decoding(self, cache: Any, image_mask: torch.Tensor) -> None:
@@ -365,8 +364,14 @@ class Compression:
         valid: torch.Tensor,
         labels: torch.Tensor | None,
         loss_kwargs: dict[str, Any],
+        logits_mask: torch.Tensor | None = None,
     ) -> _Batch:
-        """Find images per row, the end of each prompt and its text tokens."""
+        """Find images per row, the end of each prompt and its text tokens.
+
+        The prompt ends before the first supervised label; without labels, a boolean `logits_to_keep` marks the
+        positions whose next token is supervised (training without labels passed to the model), so its first True
+        is the last prompt token; otherwise the prompt is the whole non-padding input (inference).
+        """
         batch_size, length = image_mask.shape
         n_images = self._count_images(inputs)
         total = int(image_mask.sum())
@@ -382,6 +387,9 @@ class Compression:
         if labels is not None:
             supervised = labels != IGNORE_INDEX
             prompt_end = torch.where(supervised.any(dim=1), supervised.int().argmax(dim=1), _last_true(valid) + 1)
+        elif logits_mask is not None:
+            wanted = logits_mask.to(valid.device)
+            prompt_end = torch.where(wanted.any(dim=1), wanted.int().argmax(dim=1) + 1, _last_true(valid) + 1)
         else:
             prompt_end = _last_true(valid) + 1
         prompt_last = prompt_end - 1
@@ -403,7 +411,7 @@ class Compression:
             images.append(list(row_images.split(per_image)) if row_images.numel() else [])
             in_prompt = valid[row] & ~image_mask[row] & (positions <= prompt_last[row])
             text_positions.append(in_prompt.nonzero().squeeze(1))
-        return _Batch(valid, image_mask, images, prompt_last, text_positions, labels, loss_kwargs)
+        return _Batch(valid, image_mask, images, prompt_last, text_positions, labels, loss_kwargs, logits_mask)
 
     @staticmethod
     def _count_images(inputs: dict[str, Any]) -> int:

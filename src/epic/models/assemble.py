@@ -33,6 +33,13 @@ PROJECTOR_KEYS = {
 ADDITIONAL_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}  # CLS-like tokens the tower adds
 
 
+def visual_tokens(vision_config, vision_feature_select_strategy: str) -> int:
+    """Visual tokens per image of a CLIP- or SigLIP-like tower: patches, plus CLS, minus one for "default"."""
+    additional = ADDITIONAL_TOKENS.get(vision_config.model_type, 0)
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return patches + additional - (1 if vision_feature_select_strategy == "default" and additional else 0)
+
+
 def load_projector(path: Path) -> dict[str, torch.Tensor]:
     """A stage-1 projector's weights, renamed to `linear_1.*` / `linear_2.*`; unknown keys fail loudly."""
     renamed = {}
@@ -82,8 +89,7 @@ def assemble_llava(
     additional = ADDITIONAL_TOKENS.get(vision_config.model_type, 0)
     if additional == 0 and vision_feature_select_strategy == "default":
         vision_feature_select_strategy = "full"  # "default" drops token 0, a real patch when there is no CLS
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    image_tokens = patches + additional - (1 if vision_feature_select_strategy == "default" else 0)
+    image_tokens = visual_tokens(vision_config, vision_feature_select_strategy)
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=language.config,

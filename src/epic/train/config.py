@@ -136,9 +136,10 @@ def _as_argv(options: dict[str, Any]) -> list[str]:
     for key, value in options.items():
         if value is None:
             continue
-        if isinstance(value, (dict, list)):
-            value = json.dumps(value)
-        argv += [f"--{key}", str(value)]
+        if isinstance(value, list):  # e.g. report_to: [tensorboard, wandb]
+            argv += [f"--{key}", *(str(item) for item in value)]
+            continue
+        argv += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
     return argv
 
 

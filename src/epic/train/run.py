@@ -7,14 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, TrainingArguments, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from epic.compression import Budget, build_method
 from epic.data.dataset import LlavaDataset, collate, image_token_count
 from epic.data.shapes import SynthConfig, vocabulary_texts, write_synthetic
 from epic.data.templates import get_template
 from epic.distill import Curriculum, LayerSchedule, TokenSchedule, released_token_schedule, target_token_schedule
-from epic.models.assemble import assemble_llava
+from epic.models.assemble import ADDITIONAL_TOKENS, assemble_llava, visual_tokens
 from epic.models.factory import build_tiny_llava_with_processor, save_llava, saved_template
 from epic.models.tiny import TinyLlavaSpec
 from epic.train.config import SCHEDULES, DataArguments, DistillArguments, ModelArguments
@@ -66,6 +67,24 @@ def build_model(args: ModelArguments):
         model, processor = assemble_llava(args.vision_tower, args.language_model, args.projector)
         model.config.text_config._attn_implementation = args.attn_implementation
         return model, processor, args.template
+    raise ValueError("give --model (a checkpoint or tiny:<family>) or --vision_tower and --language_model")
+
+
+def model_shape(args: ModelArguments) -> tuple[int, int]:
+    """(decoder layers, visual tokens per image) read from configs only, to check the options before any weight
+    is loaded; the processor's own count is checked again once the model exists."""
+    if args.model and args.model.startswith("tiny:"):
+        return args.tiny_layers, (args.tiny_image_size // args.tiny_patch_size) ** 2
+    if args.model:
+        config = AutoConfig.from_pretrained(args.model)
+        return config.text_config.num_hidden_layers, visual_tokens(
+            config.vision_config, config.vision_feature_select_strategy
+        )
+    if args.vision_tower and args.language_model:
+        vision = AutoConfig.from_pretrained(args.vision_tower)
+        vision = getattr(vision, "vision_config", vision)
+        strategy = "default" if ADDITIONAL_TOKENS.get(vision.model_type, 0) else "full"
+        return AutoConfig.from_pretrained(args.language_model).num_hidden_layers, visual_tokens(vision, strategy)
     raise ValueError("give --model (a checkpoint or tiny:<family>) or --vision_tower and --language_model")
 
 
@@ -138,6 +157,9 @@ def run_training(
 ) -> Path:
     """Train as the options say; returns the folder of the final checkpoint (a plain transformers LLaVA)."""
     set_seed(training_args.seed)
+    build_curriculum(distill_args, *model_shape(model_args))  # every option checked before any compute
+    if distill_args.lora_r > 0 and is_deepspeed_zero3_enabled():
+        raise ValueError("LoRA under DeepSpeed ZeRO-3 is not supported (merging needs whole weights); use ZeRO-2")
     _connect_processes(training_args)
     training_args.remove_unused_columns = False  # rows are `Example`s, batched by our collator
     train_file = Path(data_args.train_file)
@@ -179,7 +201,12 @@ def run_training(
     resume = training_args.resume_from_checkpoint
     if resume == "last":
         resume = last_complete_checkpoint(Path(training_args.output_dir))
-        logger.info("resuming from %s", resume)
+        if resume is None and any(Path(training_args.output_dir).glob("checkpoint-*")):
+            raise ValueError(f"{training_args.output_dir} holds checkpoints but none was saved completely")
+        if resume is None:
+            logger.warning("no checkpoint in %s: training starts from the beginning", training_args.output_dir)
+        else:
+            logger.warning("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = Path(training_args.output_dir) / "final"
     if distill_args.lora_r > 0:

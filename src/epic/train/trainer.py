@@ -89,7 +89,9 @@ class EpicTrainer(Trainer):
                 self._student = self.consistency.attach(llava, plan.student_ratio, plan.student_layer, seed)
             extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
             outputs = model(**inputs, **extra)
-            self._record(plan, ce=outputs.loss.item())
+            rows = int((inputs["labels"][:, 1:] != -100).sum())
+            local = float(num_items_in_batch) / max(rows, 1) if num_items_in_batch is not None else 1.0
+            self._record(plan, ce=outputs.loss.item() * local)  # logged as this micro-batch's mean
             loss = self._scale_for_devices(outputs.loss, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 
@@ -189,6 +191,7 @@ class EpicTrainer(Trainer):
         """Save, then mark the checkpoint complete: a run killed mid-save leaves an unmarked folder that
         `last_complete_checkpoint` skips."""
         super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank has written its part (RNG states, shards)
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             marker = folder / COMPLETE_MARKER

@@ -39,7 +39,7 @@ def test_projector_learning_rate_and_gradient_checkpointing(shapes, tmp_path):
         tmp_path,
         max_steps=2,
         projector_lr=0.01,
-        gradient_checkpointing=True,
+        activation_checkpointing=True,
         save_strategy="steps",
         save_steps=2,
     )

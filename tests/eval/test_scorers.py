@@ -51,6 +51,12 @@ def test_vqa_soft_accuracy_by_hand():
         vqa_soft_accuracy("2", [])
 
 
+@pytest.mark.parametrize(("agreeing", "official"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_leave_one_out_form(agreeing, official):
+    answers = ["cat"] * agreeing + ["dog"] * (10 - agreeing)
+    assert vqa_soft_accuracy("cat", answers, leave_one_out=True) == pytest.approx(official)
+
+
 def test_gqa_exact_match():
     result = exact_match_score([("The table.", "table"), ("Yes", "yes"), ("left side", "left")])
     assert result == {"accuracy": pytest.approx(200 / 3), "questions": 3}

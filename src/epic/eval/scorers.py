@@ -104,18 +104,25 @@ def normalize_answer(text: str) -> str:
     return " ".join(words)
 
 
-def vqa_soft_accuracy(prediction: str, annotator_answers: list[str]) -> float:
-    """min(#annotators who gave the (normalised) prediction / 3, 1), in [0, 1]."""
+def vqa_soft_accuracy(prediction: str, annotator_answers: list[str], leave_one_out: bool = False) -> float:
+    """min(#annotators who gave the (normalised) prediction / 3, 1), in [0, 1].
+
+    `leave_one_out` gives the official VQA evaluation's form (and lmms-eval's): the same quantity averaged over the
+    subsets that leave out one annotator each.
+    """
     if not annotator_answers:
         raise ValueError("a VQA question needs its annotators' answers")
     predicted = normalize_answer(prediction)
-    matches = sum(normalize_answer(answer) == predicted for answer in annotator_answers)
-    return min(matches / 3.0, 1.0)
+    matching = [normalize_answer(answer) == predicted for answer in annotator_answers]
+    if not leave_one_out:
+        return min(sum(matching) / 3.0, 1.0)
+    total = sum(matching)
+    return sum(min((total - left_out) / 3.0, 1.0) for left_out in matching) / len(matching)
 
 
-def vqa_score(records: Iterable[tuple[str, list[str]]]) -> dict[str, float]:
+def vqa_score(records: Iterable[tuple[str, list[str]]], leave_one_out: bool = False) -> dict[str, float]:
     """Mean soft accuracy (percent) over (prediction, annotator answers) pairs."""
-    scores = [vqa_soft_accuracy(prediction, answers) for prediction, answers in records]
+    scores = [vqa_soft_accuracy(prediction, answers, leave_one_out) for prediction, answers in records]
     return {"accuracy": 100.0 * sum(scores) / _count(scores), "questions": len(scores)}
 
 

@@ -79,6 +79,49 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from epic.data.templates import get_template
+    from epic.eval.runner import CompressionSettings, generate_answers, load_items
+    from epic.eval.tasks import TASKS
+    from epic.models.factory import saved_template
+
+    torch.set_num_threads(args.threads)
+    model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    processor.tokenizer.padding_side = "left"
+    template = get_template(args.template or saved_template(Path(args.model)), processor.tokenizer)
+    items = load_items(Path(args.data), args.images and Path(args.images))
+    compression = None
+    if args.method:
+        compression = CompressionSettings(args.method, tokens=args.tokens, ratio=args.ratio, layer=args.layer)
+    out = Path(args.out)
+    predictions = generate_answers(
+        model,
+        processor,
+        template,
+        items,
+        out / "predictions.jsonl",
+        compression,
+        args.batch_size,
+        args.max_new_tokens,
+    )
+    metrics = TASKS[args.task](items, predictions)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(f"{'metric':<12} {'value':>8}")
+    for name, value in metrics.items():
+        if isinstance(value, float):
+            print(f"{name:<12} {value:>8.2f}")
+    if "pope" in metrics:
+        print(f"{'POPE F1':<12} {metrics['pope']['mean_f1']:>8.2f}  (mean over splits)")
+    print(f"predictions: {out / 'predictions.jsonl'}, metrics: {out / 'metrics.json'}")
+    return 0
+
+
 def _train(arguments: list[str]) -> int:
     """`epic train [RECIPE.yaml] [--key value ...]`: the options are forwarded untouched to the recipe parser."""
     from epic.train.config import parse_recipe
@@ -149,6 +192,26 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--grid", type=int, default=3)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_data_synth)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="batched greedy evaluation, optionally compressed; predictions JSONL, metrics JSON, a table",
+        description="Generate answers for an evaluation file (resuming from OUT/predictions.jsonl) and score them.",
+    )
+    evaluate.add_argument("model", help="a LLaVA folder (with its processor and epic.json)")
+    evaluate.add_argument("--data", required=True, help="LLaVA-format file; the last reply of each row is the answer")
+    evaluate.add_argument("--images", help="the folder image paths are relative to")
+    evaluate.add_argument("--task", choices=["shapes"], default="shapes")
+    evaluate.add_argument("--template", help="default: the one stored with the model")
+    evaluate.add_argument("--method", help="compress with this method (default: no compression)")
+    evaluate.add_argument("--tokens", type=int)
+    evaluate.add_argument("--ratio", type=float)
+    evaluate.add_argument("--layer", type=int, default=2)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=8)
+    evaluate.add_argument("--out", default="epic-out/eval")
+    evaluate.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    evaluate.set_defaults(run=_eval)
 
     train = commands.add_parser(
         "train",

@@ -311,7 +311,7 @@ class Compression:
         self._active = True
         self._decoding = cache is not None and cache.get_seq_length() > 0
         if self._decoding:
-            self._check_decoding(cache, image_mask)
+            self._check_decoding(cache, inputs)
             mask = inputs.get("attention_mask")
             if mask is None:
                 mask = torch.ones(
@@ -347,15 +347,15 @@ class Compression:
             inputs["logits_to_keep"] = 0  # the projection of those rows happens at the LM head
         return (), inputs
 
-    def _check_decoding(self, cache: Any, image_mask: torch.Tensor) -> None:
+    def _check_decoding(self, cache: Any, inputs: dict[str, Any]) -> None:
         record = self._cache_record
         if record is None or record.cache() is not cache:
             raise ValueError(
                 "this KV cache was not filled by a prefill under this compression; run the prefill "
                 "(or generate) inside the same epic.compress block"
             )
-        if image_mask.any():
-            raise ValueError("continuing a compressed KV cache with new image tokens is not supported")
+        if inputs.get("pixel_values") is not None or inputs.get("mm_encoder_outputs"):
+            raise ValueError("continuing a compressed KV cache with new images is not supported")
 
     def _read_batch(
         self,

@@ -1,0 +1,106 @@
+"""The evaluation runner: batched left-padded generation equals one by one, compression applied, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from epic.cli import main
+from epic.data.shapes import SynthConfig, vocabulary_texts, write_synthetic
+from epic.data.templates import get_template
+from epic.eval.runner import CompressionSettings, generate_answers, load_items, read_predictions
+from epic.eval.tasks import score_shapes
+from epic.models.factory import build_tiny_llava_with_processor, save_llava
+from epic.models.tiny import TinyLlavaSpec
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval")
+    write_synthetic(folder / "shapes", SynthConfig(n_train=10, n_val=5, n_test=15, n_captions=2, seed=2))
+    model, processor = build_tiny_llava_with_processor(vocabulary_texts(SynthConfig()), TinyLlavaSpec())
+    save_llava(model, processor, folder / "model", "vicuna_v1")
+    items = load_items(folder / "shapes" / "test.json", folder / "shapes" / "images")
+    return folder, model, processor, items
+
+
+def test_batched_equals_one_by_one_and_compression_applies(setup, tmp_path):
+    _, model, processor, items = setup
+    template = get_template("vicuna_v1")
+    batched = generate_answers(model, processor, template, items, tmp_path / "a.jsonl", batch_size=8, progress=False)
+    single = generate_answers(model, processor, template, items, tmp_path / "b.jsonl", batch_size=1, progress=False)
+    assert batched == single and len(batched) == len(items)
+    compressed = CompressionSettings("dart", tokens=4)
+    kept = generate_answers(model, processor, template, items, tmp_path / "c.jsonl", compressed, progress=False)
+    assert kept.keys() == batched.keys()
+    metrics = score_shapes(items, batched)
+    assert 0.0 <= metrics["overall"] <= 100.0 and "pope" in metrics
+
+
+def test_an_interrupted_evaluation_resumes(setup, tmp_path):
+    _, model, processor, items = setup
+    template = get_template("vicuna_v1")
+    path = tmp_path / "predictions.jsonl"
+    done = {item.item_id: "sentinel" for item in items[:5]}
+    path.write_text(
+        "".join(json.dumps({"id": key, "prediction": value}) + "\n" for key, value in done.items()) + '{"id": "torn'
+    )  # a line cut by the interruption
+    calls = []
+    original = model.generate
+
+    def counting(**kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(**kwargs)
+
+    model.generate = counting
+    try:
+        predictions = generate_answers(model, processor, template, items, path, batch_size=4, progress=False)
+    finally:
+        del model.generate
+    assert sum(calls) == len(items) - 5
+    assert all(predictions[key] == "sentinel" for key in done)
+    assert len(read_predictions(path)) == len(items)
+
+
+def test_eval_command(setup, tmp_path, capsys):
+    folder, *_ = setup
+    code = main(
+        [
+            "eval",
+            str(folder / "model"),
+            "--data",
+            str(folder / "shapes" / "test.json"),
+            "--images",
+            str(folder / "shapes" / "images"),
+            "--method",
+            "fastv",
+            "--tokens",
+            "7",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"overall", "colour", "count", "exists", "relation", "choice", "pope"} <= metrics.keys()
+    assert "overall" in capsys.readouterr().out
+
+
+def test_items_need_an_answer(tmp_path):
+    (tmp_path / "d.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": "x",
+                    "conversations": [
+                        {"from": "human", "value": "hi"},
+                        {"from": "gpt", "value": "yes"},
+                        {"from": "human", "value": "and?"},
+                    ],
+                }
+            ]
+        )
+    )
+    with pytest.raises(ValueError, match=r"no assistant turn|ends on its answer"):
+        load_items(tmp_path / "d.json", None)

@@ -122,6 +122,34 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from epic.data.shapes import SynthConfig, vocabulary_texts
+    from epic.data.templates import get_template
+    from epic.eval.show import draw_kept, kept_patches
+    from epic.models.factory import build_tiny_llava_with_processor, saved_template
+    from epic.models.tiny import TinyLlavaSpec
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
+        processor = AutoProcessor.from_pretrained(args.model)
+        template = get_template(args.template or saved_template(Path(args.model)), processor.tokenizer)
+    else:  # a tiny random model: shows the mechanics, not what a trained model would keep
+        spec = TinyLlavaSpec(image_size=84, patch_size=6)
+        model, processor = build_tiny_llava_with_processor(vocabulary_texts(SynthConfig()), spec)
+        template = get_template("vicuna_v1")
+    methods = args.methods.split(",")
+    image, results = kept_patches(
+        model, processor, template, Path(args.image), args.question, methods, args.tokens, args.layer
+    )
+    draw_kept(image, results).save(args.out)
+    print(f"wrote {args.out}: " + ", ".join(f"{r.method} kept {len(r.patches)}" for r in results))
+    return 0
+
+
 def _train(arguments: list[str]) -> int:
     """`epic train [RECIPE.yaml] [--key value ...]`: the options are forwarded untouched to the recipe parser."""
     from epic.train.config import parse_recipe
@@ -212,6 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="epic-out/eval")
     evaluate.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     evaluate.set_defaults(run=_eval)
+
+    show = commands.add_parser(
+        "show",
+        help="draw the patches each method keeps on one image",
+        description="Write one PNG: the image as the model sees it and, per method, the kept patches outlined and "
+        "the dropped ones dimmed. Without --model a tiny random model is used (the mechanics, not a trained choice).",
+    )
+    show.add_argument("image")
+    show.add_argument("--model", help="a LLaVA folder (with its processor and epic.json)")
+    show.add_argument("--template")
+    show.add_argument("--methods", default="dart,fastv,random")
+    show.add_argument("--tokens", type=int, default=64)
+    show.add_argument("--layer", type=int, default=2)
+    show.add_argument("--question", default="What is in the image?")
+    show.add_argument("--out", default="kept.png")
+    show.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    show.set_defaults(run=_show)
 
     train = commands.add_parser(
         "train",

@@ -150,6 +150,37 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from epic.eval.bench import format_bench, plot_bench, run_bench, synthetic_prompt
+    from epic.models.tiny import PRESETS, build_tiny_llava
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    if args.model:
+        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
+    else:
+        model = build_tiny_llava(PRESETS[args.preset], attn_implementation=args.attn, dtype=dtype)
+    model = model.to(args.device).eval()
+    inputs = synthetic_prompt(model, args.text_tokens, args.batch)
+    budgets = [int(tokens) for tokens in args.tokens.split(",")]
+    rows = run_bench(model, inputs, args.methods.split(","), budgets, args.layer, args.repeats, args.new_tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps([asdict(row) for row in rows], indent=1))
+    plot_bench(rows, out / "bench.png")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"# {args.model or args.preset}, {args.dtype}, {args.attn}, {device}, batch {args.batch}, K={args.layer}")
+    print(format_bench(rows))
+    print(f"table: {out / 'bench.json'}, plot: {out / 'bench.png'}")
+    return 0
+
+
 def _train(arguments: list[str]) -> int:
     """`epic train [RECIPE.yaml] [--key value ...]`: the options are forwarded untouched to the recipe parser."""
     from epic.train.config import parse_recipe
@@ -257,6 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", default="kept.png")
     show.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     show.set_defaults(run=_show)
+
+    bench = commands.add_parser(
+        "bench",
+        help="prefill and decoding cost per method and budget, KV cache and FLOPs, against no compression",
+        description="Measure compression's cost and savings on a checkpoint or on a model built from a preset "
+        "with random weights (e.g. llava-7b shapes, no download); a table, bench.json and bench.png.",
+    )
+    bench.add_argument("model", nargs="?", help="a LLaVA checkpoint (default: --preset)")
+    bench.add_argument("--preset", choices=["tiny", "cpu-wide", "llava-7b"], default="tiny")
+    bench.add_argument("--methods", default="dart,fastv,random")
+    bench.add_argument("--tokens", default="32,16,7", help="kept visual tokens per image, comma-separated")
+    bench.add_argument("--layer", type=int, default=2)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--text-tokens", type=int, default=40)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--new-tokens", type=int, default=8)
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--attn", default="sdpa", help="eager, sdpa or flash_attention_2")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--out", default="epic-out/bench")
+    bench.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    bench.set_defaults(run=_bench)
 
     train = commands.add_parser(
         "train",

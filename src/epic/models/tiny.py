@@ -56,6 +56,39 @@ class TinyLlavaSpec:
         return self.vocab_size - 1 if self.image_token_index is None else self.image_token_index
 
 
+PRESETS = {
+    "tiny": TinyLlavaSpec(),
+    # a decoder wide enough that matrix products dominate, small enough for one CPU thread; 576 visual tokens
+    "cpu-wide": TinyLlavaSpec(
+        vocab_size=1024,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_layers=8,
+        num_heads=16,
+        num_kv_heads=16,
+        image_size=336,
+        patch_size=14,
+        vision_hidden_size=32,
+        vision_layers=1,
+        vision_heads=2,
+    ),
+    # LLaVA-1.5-7B decoder shapes (Vicuna-7B) with a tiny vision tower at 336 px / 14: random weights, no download
+    "llava-7b": TinyLlavaSpec(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        image_size=336,
+        patch_size=14,
+        vision_hidden_size=64,
+        vision_layers=1,
+        vision_heads=2,
+    ),
+}
+
+
 def tiny_llava_config(spec: TinyLlavaSpec, attn_implementation: str = "sdpa") -> LlavaConfig:
     """A `LlavaConfig` for `spec` (by default the image token is the last id of the vocabulary, padding is 0)."""
     if spec.text_model not in TEXT_CONFIGS:

@@ -96,10 +96,34 @@ def _eval(args: argparse.Namespace) -> int:
     processor.tokenizer.padding_side = "left"
     template = get_template(args.template or saved_template(Path(args.model)), processor.tokenizer)
     items = load_items(Path(args.data), args.images and Path(args.images))
+    out = Path(args.out)
+    if args.grid_methods:
+        from epic.eval.grid import grid_table, plot_grid, run_grid
+
+        budgets = [int(tokens) for tokens in args.grid_tokens.split(",")]
+        rows = run_grid(
+            model,
+            processor,
+            template,
+            items,
+            out,
+            args.grid_methods.split(","),
+            budgets,
+            args.task,
+            args.layer,
+            args.batch_size,
+            args.max_new_tokens,
+        )
+        table = grid_table(rows)
+        (out / "grid.md").write_text(table + "\n")
+        (out / "grid.json").write_text(json.dumps([row.__dict__ for row in rows], indent=1))
+        plot_grid(rows, out / "grid.png")
+        print(table)
+        print(f"table: {out / 'grid.md'}, plot: {out / 'grid.png'}")
+        return 0
     compression = None
     if args.method:
         compression = CompressionSettings(args.method, tokens=args.tokens, ratio=args.ratio, layer=args.layer)
-    out = Path(args.out)
     predictions = generate_answers(
         model,
         processor,
@@ -266,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tokens", type=int)
     evaluate.add_argument("--ratio", type=float)
     evaluate.add_argument("--layer", type=int, default=2)
+    evaluate.add_argument("--methods", dest="grid_methods", help="a grid: these methods (comma-separated) ...")
+    evaluate.add_argument(
+        "--grid-tokens",
+        default="64,21,14,7,4",
+        help="... at these budgets (the image's full count means no compression)",
+    )
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--max-new-tokens", type=int, default=8)
     evaluate.add_argument("--out", default="epic-out/eval")

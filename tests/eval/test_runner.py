@@ -104,3 +104,36 @@ def test_items_need_an_answer(tmp_path):
     )
     with pytest.raises(ValueError, match=r"no assistant turn|ends on its answer"):
         load_items(tmp_path / "d.json", None)
+
+
+def test_grid_of_methods_and_budgets(setup, tmp_path):
+    folder, *_ = setup
+    argv = [
+        "eval",
+        str(folder / "model"),
+        "--data",
+        str(folder / "shapes" / "test.json"),
+        "--images",
+        str(folder / "shapes" / "images"),
+        "--methods",
+        "dart,random",
+        "--grid-tokens",
+        "64,16,7",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    table = (tmp_path / "grid.md").read_text().splitlines()
+    assert table[0] == "| method | 64 | 16 | 7 |" and table[2].startswith("| dart |") and len(table) == 4
+    rows = json.loads((tmp_path / "grid.json").read_text())
+    assert [(row["method"], row["tokens"]) for row in rows] == [
+        ("none", 64),
+        ("dart", 16),
+        ("dart", 7),
+        ("random", 16),
+        ("random", 7),
+    ]
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "dart-7.jsonl").is_file()
+    before = {path.name: path.read_text() for path in tmp_path.glob("*.jsonl")}
+    assert main(argv) == 0  # a rerun resumes from every predictions file: nothing left to generate
+    assert {path.name: path.read_text() for path in tmp_path.glob("*.jsonl")} == before

@@ -86,8 +86,8 @@ def _eval(args: argparse.Namespace) -> int:
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from epic.data.templates import get_template
-    from epic.eval.runner import CompressionSettings, generate_answers, load_items
-    from epic.eval.tasks import TASKS
+    from epic.eval.runner import CompressionSettings, generate_answers
+    from epic.eval.tasks import LOADERS, TASKS
     from epic.models.factory import saved_template
 
     torch.set_num_threads(args.threads)
@@ -95,7 +95,7 @@ def _eval(args: argparse.Namespace) -> int:
     processor = AutoProcessor.from_pretrained(args.model)
     processor.tokenizer.padding_side = "left"
     template = get_template(args.template or saved_template(Path(args.model)), processor.tokenizer)
-    items = load_items(Path(args.data), args.images and Path(args.images))
+    items = LOADERS[args.task](Path(args.data), args.images and Path(args.images))
     out = Path(args.out)
     if args.grid_methods:
         from epic.eval.grid import grid_table, plot_grid, run_grid
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="a LLaVA folder (with its processor and epic.json)")
     evaluate.add_argument("--data", required=True, help="LLaVA-format file; the last reply of each row is the answer")
     evaluate.add_argument("--images", help="the folder image paths are relative to")
-    evaluate.add_argument("--task", choices=["shapes"], default="shapes")
+    evaluate.add_argument("--task", choices=["shapes", "pope", "gqa"], default="shapes")
     evaluate.add_argument("--template", help="default: the one stored with the model")
     evaluate.add_argument("--method", help="compress with this method (default: no compression)")
     evaluate.add_argument("--tokens", type=int)

@@ -85,3 +85,86 @@ def test_eval_command_on_pope(coco, tmp_path):
     )
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(metrics["pope"]) >= {"random", "adversarial", "all", "mean_f1"}
+
+
+def test_vqa_layout(tmp_path):
+    from epic.eval.tasks import load_vqa, score_vqa
+
+    images = tmp_path / "val2014"
+    images.mkdir()
+    Image.new("RGB", (20, 20)).save(images / "COCO_val2014_000000000042.jpg")
+    (tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(
+        json.dumps({"questions": [{"image_id": 42, "question": "How many dogs?", "question_id": 7}]})
+    )
+    answers = [{"answer": a} for a in ["2", "two", "2", "3", "2", "2", "2", "1", "2", "2"]]
+    (tmp_path / "v2_mscoco_val2014_annotations.json").write_text(
+        json.dumps({"annotations": [{"question_id": 7, "image_id": 42, "answers": answers}]})
+    )
+    items = load_vqa(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", images)
+    assert items[0].extra["answers"][1] == "two"
+    assert score_vqa(items, {"7": "Two"})["overall"] == 100.0
+    assert score_vqa(items, {"7": "3"})["overall"] == pytest.approx(100 / 3)
+
+
+def test_mme_layout(tmp_path):
+    from epic.eval.tasks import load_mme, score_mme
+
+    for subtask, nested in (("existence", False), ("code_reasoning", True)):
+        folder = tmp_path / "MME" / subtask
+        (folder / "images").mkdir(parents=True)
+        (folder / "questions_answers_YN").mkdir()
+        image_dir, text_dir = (folder / "images", folder / "questions_answers_YN") if nested else (folder, folder)
+        Image.new("RGB", (20, 20)).save(image_dir / "a.jpg")
+        (text_dir / "a.txt").write_text(
+            "Is there a cat? Please answer yes or no.\tYes\nIs there a dog? Please answer yes or no.\tNo\n"
+        )
+    items = load_mme(tmp_path / "MME", None)
+    assert len(items) == 4 and items[0].extra["image"] == "code_reasoning/a"
+    predictions = {item.item_id: item.answer for item in items}
+    metrics = score_mme(items, predictions)
+    assert metrics["overall"] == 200.0 and metrics["cognition"] == 200.0
+    (tmp_path / "MME" / "poetry").mkdir()
+    with pytest.raises(ValueError, match="not an MME subtask"):
+        load_mme(tmp_path / "MME", None)
+
+
+def test_mmbench_layout_and_circular(tmp_path):
+    import base64
+    import io
+
+    from epic.eval.tasks import load_mmbench, score_mmbench
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\timage"
+    rows = [
+        f"5\tWhat color?\tnan\tred\tblue\tgreen\tpink\tA\t{image}",
+        f"1000005\tWhat color?\tnan\tblue\tgreen\tpink\tred\tD\t{image}",
+    ]
+    (tmp_path / "mmbench.tsv").write_text("\n".join([header, *rows]) + "\n")
+    items = load_mmbench(tmp_path / "mmbench.tsv", None)
+    assert items[0].turns[0].text.splitlines()[2] == "A. red" and items[1].extra["question"] == "5"
+    assert isinstance(items[0].images[0], Image.Image)
+    metrics = score_mmbench(items, {"5": "A", "1000005": "B"})
+    assert metrics["single_pass"] == 50.0 and metrics["circular"] == 0.0
+
+
+def test_embedded_images_go_through_the_runner(tmp_path):
+    import base64
+    import io
+
+    from epic.data.templates import get_template
+    from epic.eval.runner import generate_answers
+    from epic.eval.tasks import load_mmbench
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    (tmp_path / "m.tsv").write_text(
+        f"index\tquestion\thint\tA\tB\tanswer\timage\n1\tColor?\tnan\tred\tblue\tA\t{image}\n"
+    )
+    model, processor = build_tiny_llava_with_processor(vocabulary_texts(SynthConfig()), TinyLlavaSpec())
+    items = load_mmbench(tmp_path / "m.tsv", None)
+    answers = generate_answers(model, processor, get_template("vicuna_v1"), items, tmp_path / "p.jsonl", progress=False)
+    assert list(answers) == ["1"]

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import epic
 from epic.data.dataset import image_token_count
 from epic.data.encoding import encode_prompt
-from epic.data.images import load_image
+from epic.data.images import load_image, mean_colour, pad_to_square
 from epic.data.records import load_records
 from epic.data.templates import Template, Turn
 
@@ -32,7 +33,7 @@ class EvalItem:
 
     item_id: str
     turns: list[Turn]
-    images: list[Path]
+    images: list[Path | Image.Image]
     answer: str
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +75,14 @@ def read_predictions(path: Path) -> dict[str, str]:
                 continue
             predictions[row["id"]] = row["prediction"]
     return predictions
+
+
+def _image(source: Path | Image.Image, image_mode: str, processor) -> Image.Image:
+    """An item's image from its file, or as given (benchmarks that embed their images)."""
+    if isinstance(source, Image.Image):
+        image = source.convert("RGB")
+        return pad_to_square(image, mean_colour(processor.image_processor)) if image_mode == "pad" else image
+    return load_image(source, image_mode, processor.image_processor)
 
 
 def _batches(items: list[EvalItem], size: int) -> Iterator[list[EvalItem]]:
@@ -133,7 +142,7 @@ def generate_answers(
             ]
             input_ids, attention_mask = _left_padded(prompts, tokenizer.pad_token_id)
             inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-            images = [load_image(path, image_mode, processor.image_processor) for item in batch for path in item.images]
+            images = [_image(source, image_mode, processor) for item in batch for source in item.images]
             if images:
                 pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
                 inputs["pixel_values"] = pixels.to(device, next(model.parameters()).dtype)

@@ -7,6 +7,12 @@
   `*_random.json`, `*_popular.json`, `*_adversarial.json` (`--data` may be one of them or their folder) | COCO val2014 |
 | `gqa` | GQA's release: `{question_id: {"imageId", "question", "answer", ...}}` (e.g. testdev_balanced_questions.json)
   | `{imageId}.jpg` |
+| `vqa` | VQAv2's questions file `{"questions": [...]}`, its annotations file beside it (name with "annotations") |
+  `COCO_val2014_{image_id:012d}.jpg` |
+| `mme` | the MME release folder: one folder per subtask, images with a same-named .txt of "question<TAB>answer" lines
+  (directly or under images/ and questions_answers_YN/) | (inside) |
+| `mmbench` | MMBench's TSV (index, question, hint, A-D, answer, image as base64); circular rotations share
+  index mod 1,000,000 | (inside) |
 
 Prompts follow LLaVA-1.5's evaluation: the question, then "Answer the question using a single word or phrase."
 """
@@ -17,9 +23,22 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from PIL import Image
+
 from epic.data.templates import IMAGE_PLACEHOLDER, Turn
 from epic.eval.runner import EvalItem, load_items
-from epic.eval.scorers import ChoiceRecord, PopeRecord, exact_match_score, multiple_choice_score, pope_score
+from epic.eval.scorers import (
+    MME_COGNITION,
+    MME_PERCEPTION,
+    ChoiceRecord,
+    MmeRecord,
+    PopeRecord,
+    exact_match_score,
+    mme_score,
+    multiple_choice_score,
+    pope_score,
+    vqa_score,
+)
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -116,5 +135,132 @@ def score_gqa(items: list[EvalItem], predictions: dict[str, str]) -> dict[str, o
     return {"overall": exact_match_score([(predictions[item.item_id], item.answer) for item in items])["accuracy"]}
 
 
-LOADERS = {"shapes": load_items, "pope": load_pope, "gqa": load_gqa}
-TASKS = {"shapes": score_shapes, "pope": score_pope, "gqa": score_gqa}
+def load_vqa(data: Path, images: Path | None) -> list[EvalItem]:
+    """VQAv2: the questions file and, beside it, the annotations file (ten answers per question)."""
+    data = Path(data)
+    candidates = [path for path in data.parent.glob("*annotations*.json") if path != data]
+    if len(candidates) != 1:
+        raise ValueError(f"{data}: expected exactly one *annotations*.json beside it, found {len(candidates)}")
+    try:
+        questions = json.loads(data.read_text())["questions"]
+        annotations = {row["question_id"]: row for row in json.loads(candidates[0].read_text())["annotations"]}
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{data}: not VQAv2 questions and annotations ({error})") from error
+    items = []
+    for row in questions:
+        annotation = annotations.get(row["question_id"])
+        if annotation is None:
+            raise ValueError(f"{candidates[0]}: no annotation for question {row['question_id']}")
+        answers = [answer["answer"] for answer in annotation["answers"]]
+        image = _image(images, f"COCO_val2014_{row['image_id']:012d}.jpg")
+        items.append(
+            EvalItem(str(row["question_id"]), _question(row["question"]), [image], answers[0], {"answers": answers})
+        )
+    if not items:
+        raise ValueError(f"{data}: no VQA question")
+    return items
+
+
+def score_vqa(items: list[EvalItem], predictions: dict[str, str]) -> dict[str, object]:
+    return {"overall": vqa_score([(predictions[item.item_id], item.extra["answers"]) for item in items])["accuracy"]}
+
+
+MME_IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
+
+
+def load_mme(data: Path, images: Path | None) -> list[EvalItem]:
+    """The MME release: per subtask folder, every image has a .txt of 'question<TAB>answer' lines (two)."""
+    items = []
+    for subtask in sorted(path for path in Path(data).iterdir() if path.is_dir()):
+        if subtask.name not in MME_PERCEPTION + MME_COGNITION:
+            raise ValueError(f"{subtask}: not an MME subtask ({', '.join(MME_PERCEPTION + MME_COGNITION)})")
+        texts = sorted(subtask.rglob("*.txt"))
+        pictures = {path.stem: path for path in subtask.rglob("*") if path.suffix.lower() in MME_IMAGE_SUFFIXES}
+        for text in texts:
+            if text.stem not in pictures:
+                raise FileNotFoundError(f"{text}: no image named {text.stem} in {subtask}")
+            for number, line in enumerate(text.read_text().splitlines()):
+                if not line.strip():
+                    continue
+                question, _, answer = line.rpartition("\t")
+                if not question or answer.strip() not in ("Yes", "No"):
+                    raise ValueError(f"{text} line {number + 1}: expected 'question<TAB>Yes|No'")
+                image = f"{subtask.name}/{text.stem}"
+                items.append(
+                    EvalItem(
+                        f"{image}/{number}",
+                        [Turn("user", f"{IMAGE_PLACEHOLDER}\n{question}")],
+                        [pictures[text.stem]],
+                        answer.strip(),
+                        {"subtask": subtask.name, "image": image},
+                    )
+                )
+    if not items:
+        raise ValueError(f"{data}: no MME question")
+    return items
+
+
+def score_mme(items: list[EvalItem], predictions: dict[str, str]) -> dict[str, object]:
+    result = mme_score(
+        [
+            MmeRecord(item.extra["subtask"], item.extra["image"], predictions[item.item_id], item.answer)
+            for item in items
+        ]
+    )
+    return {"overall": result["perception"], **result}
+
+
+MMBENCH_SUFFIX = "Answer with the option's letter from the given choices directly."
+
+
+def load_mmbench(data: Path, images: Path | None) -> list[EvalItem]:
+    """MMBench's TSV: images embedded as base64; rotations of one question share `index` mod 1,000,000."""
+    import base64
+    import csv
+    import io
+
+    items = []
+    with open(data, newline="") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            try:
+                picture = Image.open(io.BytesIO(base64.b64decode(row["image"])))
+                picture.load()
+                options = [f"{letter}. {row[letter]}" for letter in "ABCD" if row.get(letter) not in (None, "", "nan")]
+                hint = row.get("hint") or ""
+                hint = "" if hint == "nan" else f"{hint}\n"
+                prompt = f"{IMAGE_PLACEHOLDER}\n{hint}{row['question']}\n" + "\n".join(options) + f"\n{MMBENCH_SUFFIX}"
+                index = int(row["index"])
+            except (KeyError, ValueError, OSError) as error:
+                raise ValueError(f"{data}: not an MMBench row ({error})") from error
+            items.append(
+                EvalItem(
+                    str(index), [Turn("user", prompt)], [picture], row["answer"], {"question": str(index % 1_000_000)}
+                )
+            )
+    if not items:
+        raise ValueError(f"{data}: no MMBench question")
+    return items
+
+
+def score_mmbench(items: list[EvalItem], predictions: dict[str, str]) -> dict[str, object]:
+    records = [ChoiceRecord(predictions[item.item_id], item.answer, item.extra["question"]) for item in items]
+    circular = multiple_choice_score(records, circular=True)["accuracy"]
+    return {"overall": circular, "circular": circular, "single_pass": multiple_choice_score(records)["accuracy"]}
+
+
+LOADERS = {
+    "shapes": load_items,
+    "pope": load_pope,
+    "gqa": load_gqa,
+    "vqa": load_vqa,
+    "mme": load_mme,
+    "mmbench": load_mmbench,
+}
+TASKS = {
+    "shapes": score_shapes,
+    "pope": score_pope,
+    "gqa": score_gqa,
+    "vqa": score_vqa,
+    "mme": score_mme,
+    "mmbench": score_mmbench,
+}

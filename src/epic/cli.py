@@ -79,6 +79,15 @@ def _data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_llava(path: str) -> None:
+    """Fail with a clear message when a model folder is not a LLaVA checkpoint."""
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type != "llava":
+        raise SystemExit(f"{path} holds a {model_type!r} model, not a LLaVA model (model_type 'llava')")
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
@@ -91,6 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
     from epic.models.factory import saved_template
 
     torch.set_num_threads(args.threads)
+    _require_llava(args.model)
     model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     processor.tokenizer.padding_side = "left"
@@ -100,7 +110,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.grid_methods:
         from epic.eval.grid import grid_table, plot_grid, run_grid
 
-        budgets = [int(tokens) for tokens in args.grid_tokens.split(",")]
+        if not args.tokens:
+            raise SystemExit("epic eval: a grid (--methods) needs --tokens, e.g. --tokens 576,192,128,64,36")
+        budgets = [int(tokens) for tokens in args.tokens.split(",")]
         rows = run_grid(
             model,
             processor,
@@ -123,7 +135,8 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     compression = None
     if args.method:
-        compression = CompressionSettings(args.method, tokens=args.tokens, ratio=args.ratio, layer=args.layer)
+        tokens = None if args.tokens is None else int(args.tokens)
+        compression = CompressionSettings(args.method, tokens=tokens, ratio=args.ratio, layer=args.layer)
     predictions = generate_answers(
         model,
         processor,
@@ -158,6 +171,7 @@ def _show(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     if args.model:
+        _require_llava(args.model)
         model = LlavaForConditionalGeneration.from_pretrained(args.model).eval()
         processor = AutoProcessor.from_pretrained(args.model)
         template = get_template(args.template or saved_template(Path(args.model)), processor.tokenizer)
@@ -187,6 +201,7 @@ def _bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.model:
+        _require_llava(args.model)
         model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn)
     else:
         model = build_tiny_llava(PRESETS[args.preset], attn_implementation=args.attn, dtype=dtype)
@@ -287,14 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", choices=["shapes", "pope", "gqa", "vqa", "mme", "mmbench"], default="shapes")
     evaluate.add_argument("--template", help="default: the one stored with the model")
     evaluate.add_argument("--method", help="compress with this method (default: no compression)")
-    evaluate.add_argument("--tokens", type=int)
+    evaluate.add_argument("--tokens", help="kept visual tokens per image; with --methods a comma-separated list")
     evaluate.add_argument("--ratio", type=float)
     evaluate.add_argument("--layer", type=int, default=2)
-    evaluate.add_argument("--methods", dest="grid_methods", help="a grid: these methods (comma-separated) ...")
     evaluate.add_argument(
-        "--grid-tokens",
-        default="64,21,14,7,4",
-        help="... at these budgets (the image's full count means no compression)",
+        "--methods",
+        dest="grid_methods",
+        help="a grid: these methods (comma-separated) at every --tokens budget "
+        "(the image's full count means no compression)",
     )
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--max-new-tokens", type=int, default=8)

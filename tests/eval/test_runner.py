@@ -117,7 +117,7 @@ def test_grid_of_methods_and_budgets(setup, tmp_path):
         str(folder / "shapes" / "images"),
         "--methods",
         "dart,random",
-        "--grid-tokens",
+        "--tokens",
         "64,16,7",
         "--out",
         str(tmp_path),
@@ -137,3 +137,13 @@ def test_grid_of_methods_and_budgets(setup, tmp_path):
     before = {path.name: path.read_text() for path in tmp_path.glob("*.jsonl")}
     assert main(argv) == 0  # a rerun resumes from every predictions file: nothing left to generate
     assert {path.name: path.read_text() for path in tmp_path.glob("*.jsonl")} == before
+
+
+def test_a_model_folder_that_is_not_llava_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(tmp_path / "llama")
+    with pytest.raises(SystemExit, match="not a LLaVA model"):
+        main(["eval", str(tmp_path / "llama"), "--data", str(tmp_path / "x.json")])

@@ -5,23 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from epic.models.tiny import TEXT_CONFIGS, TinyLlavaSpec
-
-DEMO_SPEC = TinyLlavaSpec(
-    vocab_size=512,
-    hidden_size=512,
-    intermediate_size=1408,
-    num_layers=8,
-    num_heads=8,
-    num_kv_heads=8,
-    image_size=84,
-    patch_size=6,
-    vision_hidden_size=32,
-    vision_layers=1,
-    vision_heads=2,
-)
+from epic.models.tiny import PRESETS, TEXT_CONFIGS
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -30,7 +17,7 @@ def _demo(args: argparse.Namespace) -> int:
     from epic.tour import format_tour, run_tour
 
     torch.set_num_threads(args.threads)
-    spec = TinyLlavaSpec(**{**DEMO_SPEC.__dict__, "text_model": args.text_model})
+    spec = replace(PRESETS["demo"], text_model=args.text_model)
     tour = run_tour(spec, layer=args.layer, batch=args.batch, repeats=args.repeats, seed=args.seed)
     print(format_tour(tour))
     return 0

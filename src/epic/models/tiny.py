@@ -58,6 +58,20 @@ class TinyLlavaSpec:
 
 PRESETS = {
     "tiny": TinyLlavaSpec(),
+    # the compression tour of `epic demo`: 196 visual tokens, a decoder wide enough for timings to mean something
+    "demo": TinyLlavaSpec(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=8,
+        image_size=84,
+        patch_size=6,
+        vision_hidden_size=32,
+        vision_layers=1,
+        vision_heads=2,
+    ),
     # a decoder wide enough that matrix products dominate, small enough for one CPU thread; 576 visual tokens
     "cpu-wide": TinyLlavaSpec(
         vocab_size=1024,

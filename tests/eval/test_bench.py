@@ -28,6 +28,7 @@ def test_bench_rows_cache_and_flops(tmp_path):
         # eager attention: the counter sees every product; the remainder is scoring (one attention row, pivots)
         assert row.flops_formula <= row.flops_counted <= row.flops_formula * 1.01
         assert row.prefill_s > 0 and row.decode_tokens_per_s > 0
+        assert row.peak_memory is not None and row.peak_memory >= 0  # CPU: resident-set growth
     assert rows[0].flops_ratio == 1.0 and rows[2].flops_ratio < rows[1].flops_ratio < 1.0
     assert "dart" in format_bench(rows)
     plot_bench(rows, tmp_path / "bench.png")

@@ -168,3 +168,34 @@ def test_embedded_images_go_through_the_runner(tmp_path):
     items = load_mmbench(tmp_path / "m.tsv", None)
     answers = generate_answers(model, processor, get_template("vicuna_v1"), items, tmp_path / "p.jsonl", progress=False)
     assert list(answers) == ["1"]
+
+
+def test_scienceqa_image_questions(tmp_path):
+    from epic.eval.tasks import load_scienceqa, score_scienceqa
+
+    (tmp_path / "test" / "7").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / "test" / "7" / "image.png")
+    problems = {
+        "7": {
+            "question": "Which is a mammal?",
+            "choices": ["frog", "whale"],
+            "answer": 1,
+            "hint": "Animals.",
+            "image": "image.png",
+            "split": "test",
+        },
+        "8": {
+            "question": "No image here?",
+            "choices": ["a", "b"],
+            "answer": 0,
+            "hint": "",
+            "image": None,
+            "split": "test",
+        },
+        "9": {"question": "Train split", "choices": ["a", "b"], "answer": 0, "image": "image.png", "split": "train"},
+    }
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    items = load_scienceqa(tmp_path / "problems.json", tmp_path)
+    assert [item.item_id for item in items] == ["7"] and items[0].answer == "B"
+    assert "Context: Animals.\nWhich is a mammal?\nA. frog\nB. whale" in items[0].turns[0].text
+    assert score_scienceqa(items, {"7": "B"})["overall"] == 100.0

@@ -4,12 +4,15 @@ Per configuration: prefill latency (a prefill as `generate` runs it: a fresh cac
 decoding speed (tokens per second over `new_tokens` greedy steps after the prefill), both as ratios to the
 uncompressed run timed alternately with it; the KV cache measured from the real cache tensors next to the formula;
 decoder FLOPs by the formula next to `torch.utils.flop_counter` (which sees attention products only under eager
-attention); and, on CUDA, peak memory.
+attention); and peak memory (CUDA: peak allocated over the measurements; CPU: the resident-set growth during one
+prefill, sampled every millisecond, approximate since the allocator reuses freed memory).
 """
 
 from __future__ import annotations
 
+import resource
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,7 @@ class BenchRow:
     flops_counted: int  # torch.utils.flop_counter over the decoder
     cache_measured: int
     cache_formula: int
-    peak_memory: int | None  # bytes, CUDA only
+    peak_memory: int | None  # bytes: CUDA peak allocated, or on CPU the resident-set growth during a prefill
 
 
 def _sync(device: torch.device) -> None:
@@ -74,14 +77,49 @@ def _counted_flops(model, inputs) -> int:
     return sum(counts.get(f"{type(model).__name__}.model.language_model", {}).values())
 
 
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return None
+
+
+def _cpu_peak_during(work) -> int | None:
+    """Resident-set growth during `work()`, sampled every millisecond (approximate: the allocator reuses memory)."""
+    before = _resident_bytes()
+    if before is None:
+        work()
+        return None
+    peak, running = [before], [True]
+
+    def sample() -> None:
+        while running[0]:
+            peak[0] = max(peak[0], _resident_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        work()
+    finally:
+        running[0] = False
+        sampler.join()
+    return max(peak[0], _resident_bytes()) - before
+
+
 def _measure(model, inputs, new_tokens: int, repeats: int) -> tuple[float, float, int, int | None]:
     device = inputs["input_ids"].device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        peak = None
+    else:
+        peak = _cpu_peak_during(lambda: _prefill(model, inputs))
     prefills, caches = zip(*(_prefill(model, inputs) for _ in range(repeats)), strict=True)
     prefill = statistics.median(prefills)
     rate = statistics.median(_decode_rate(model, inputs, new_tokens, prefill) for _ in range(repeats))
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
     return prefill, rate, caches[0], peak
 
 
@@ -172,14 +210,15 @@ def format_bench(rows: list[BenchRow]) -> str:
     """A table: times and FLOPs as ratios to no compression, KV cache measured next to the formula."""
     lines = [
         f"{'method':<8} {'kept':>5} {'prefill ms':>11} {'x none':>7} {'FLOPs x':>8} {'decode tok/s':>13} "
-        f"{'x none':>7} {'KV MiB (measured / formula)':>28} {'GFLOPs counted / formula':>25}"
+        f"{'x none':>7} {'KV MiB (measured / formula)':>28} {'GFLOPs counted / formula':>25} {'peak MiB':>9}"
     ]
     for row in rows:
         lines.append(
             f"{row.method:<8} {row.tokens:>5} {row.prefill_s * 1e3:>11.1f} {row.prefill_ratio:>7.3f} "
             f"{row.flops_ratio:>8.3f} {row.decode_tokens_per_s:>13.1f} {row.decode_ratio:>7.3f} "
             f"{row.cache_measured / 2**20:>13.2f} / {row.cache_formula / 2**20:<12.2f} "
-            f"{row.flops_counted / 1e9:>11.2f} / {row.flops_formula / 1e9:<11.2f}"
+            f"{row.flops_counted / 1e9:>11.2f} / {row.flops_formula / 1e9:<11.2f} "
+            f"{'n/a' if row.peak_memory is None else f'{row.peak_memory / 2**20:.1f}':>9}"
         )
     return "\n".join(lines)
 

@@ -13,6 +13,8 @@
   (directly or under images/ and questions_answers_YN/) | (inside) |
 | `mmbench` | MMBench's TSV (index, question, hint, A-D, answer, image as base64); circular rotations share
   index mod 1,000,000 | (inside) |
+| `sqa` | ScienceQA's problems.json `{pid: {"question", "choices", "answer", "hint", "image", "split"}}`, its test
+  questions with an image (SQA-IMG) | `test/{pid}/image.png` |
 
 Prompts follow LLaVA-1.5's evaluation: the question, then "Answer the question using a single word or phrase."
 """
@@ -248,6 +250,37 @@ def score_mmbench(items: list[EvalItem], predictions: dict[str, str]) -> dict[st
     return {"overall": circular, "circular": circular, "single_pass": multiple_choice_score(records)["accuracy"]}
 
 
+def load_scienceqa(data: Path, images: Path | None) -> list[EvalItem]:
+    """ScienceQA-IMG: the test questions of problems.json that have an image; the answer is an option letter."""
+    try:
+        problems = json.loads(Path(data).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{data}: malformed JSON ({error})") from error
+    if not isinstance(problems, dict):
+        raise ValueError(f"{data}: not ScienceQA's problems.json (a mapping from problem id to problem)")
+    items = []
+    for pid, problem in problems.items():
+        try:
+            if problem.get("split") != "test" or not problem.get("image"):
+                continue
+            options = [f"{chr(65 + index)}. {choice}" for index, choice in enumerate(problem["choices"])]
+            hint = f"Context: {problem['hint']}\n" if problem.get("hint") else ""
+            answer = chr(65 + int(problem["answer"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{data} problem {pid}: not a ScienceQA problem ({error})") from error
+        prompt = f"{IMAGE_PLACEHOLDER}\n{hint}{problem['question']}\n" + "\n".join(options) + f"\n{MMBENCH_SUFFIX}"
+        image = _image(images, f"test/{pid}/{problem['image']}")
+        items.append(EvalItem(str(pid), [Turn("user", prompt)], [image], answer))
+    if not items:
+        raise ValueError(f"{data}: no test question with an image")
+    return items
+
+
+def score_scienceqa(items: list[EvalItem], predictions: dict[str, str]) -> dict[str, object]:
+    records = [ChoiceRecord(predictions[item.item_id], item.answer) for item in items]
+    return {"overall": multiple_choice_score(records)["accuracy"]}
+
+
 LOADERS = {
     "shapes": load_items,
     "pope": load_pope,
@@ -255,6 +288,7 @@ LOADERS = {
     "vqa": load_vqa,
     "mme": load_mme,
     "mmbench": load_mmbench,
+    "sqa": load_scienceqa,
 }
 TASKS = {
     "shapes": score_shapes,
@@ -263,4 +297,5 @@ TASKS = {
     "vqa": score_vqa,
     "mme": score_mme,
     "mmbench": score_mmbench,
+    "sqa": score_scienceqa,
 }

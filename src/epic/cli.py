@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="a LLaVA folder (with its processor and epic.json)")
     evaluate.add_argument("--data", required=True, help="LLaVA-format file; the last reply of each row is the answer")
     evaluate.add_argument("--images", help="the folder image paths are relative to")
-    evaluate.add_argument("--task", choices=["shapes", "pope", "gqa", "vqa", "mme", "mmbench", "sqa"], default="shapes")
+    evaluate.add_argument(
+        "--task", choices=["shapes", "pope", "gqa", "vqa", "mme", "mc", "mmbench", "sqa"], default="shapes"
+    )
     evaluate.add_argument("--template", help="default: the one stored with the model")
     evaluate.add_argument("--method", help="compress with this method (default: no compression)")
     evaluate.add_argument("--tokens", help="kept visual tokens per image; with --methods a comma-separated list")

@@ -288,6 +288,7 @@ LOADERS = {
     "vqa": load_vqa,
     "mme": load_mme,
     "mmbench": load_mmbench,
+    "mc": load_mmbench,  # multiple choice by letter, in MMBench's layout
     "sqa": load_scienceqa,
 }
 TASKS = {
@@ -297,5 +298,6 @@ TASKS = {
     "vqa": score_vqa,
     "mme": score_mme,
     "mmbench": score_mmbench,
+    "mc": score_mmbench,
     "sqa": score_scienceqa,
 }

@@ -25,12 +25,15 @@ def mean_colour(image_processor) -> tuple[int, int, int]:
     return tuple(int(channel * 255) for channel in image_processor.image_mean)
 
 
-def load_image(path: Path, mode: str, image_processor) -> Image.Image:
-    """Open `path` as RGB and apply the aspect mode: `pad` (to a square, mean colour) or `resize` (processor's own)."""
+def prepare_image(image: Image.Image, mode: str, image_processor) -> Image.Image:
+    """RGB, then the aspect mode: `pad` (to a square, mean colour) or `resize` (the processor's own)."""
     if mode not in IMAGE_MODES:
         raise ValueError(f"unknown image mode {mode!r}; choose one of {IMAGE_MODES}")
+    image = image.convert("RGB")
+    return pad_to_square(image, mean_colour(image_processor)) if mode == "pad" else image
+
+
+def load_image(path: Path, mode: str, image_processor) -> Image.Image:
+    """Open `path` and prepare it as `prepare_image` does."""
     with Image.open(path) as opened:
-        image = opened.convert("RGB")
-    if mode == "pad":
-        image = pad_to_square(image, mean_colour(image_processor))
-    return image
+        return prepare_image(opened, mode, image_processor)

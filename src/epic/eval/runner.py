@@ -22,7 +22,7 @@ from tqdm import tqdm
 import epic
 from epic.data.dataset import image_token_count
 from epic.data.encoding import encode_prompt
-from epic.data.images import load_image, mean_colour, pad_to_square
+from epic.data.images import load_image, prepare_image
 from epic.data.records import load_records
 from epic.data.templates import Template, Turn
 
@@ -80,8 +80,7 @@ def read_predictions(path: Path) -> dict[str, str]:
 def _image(source: Path | Image.Image, image_mode: str, processor) -> Image.Image:
     """An item's image from its file, or as given (benchmarks that embed their images)."""
     if isinstance(source, Image.Image):
-        image = source.convert("RGB")
-        return pad_to_square(image, mean_colour(processor.image_processor)) if image_mode == "pad" else image
+        return prepare_image(source, image_mode, processor.image_processor)
     return load_image(source, image_mode, processor.image_processor)
 
 

@@ -17,49 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import replace
 
 import torch
 
 import epic
+from epic.eval.bench import synthetic_prompt, timed_prefill
 from epic.eval.cost import DecoderShape, prefill_macs
-from epic.models.tiny import PRESETS, TinyLlavaSpec, build_tiny_llava
-
-
-def prompt(spec: TinyLlavaSpec, text_tokens: int, batch: int, device: str) -> dict[str, torch.Tensor]:
-    """A POPE-like prompt: a few text tokens, one image, a short question."""
-    generator = torch.Generator().manual_seed(0)
-    before = torch.randint(3, spec.image_token_id, (batch, 5), generator=generator)
-    image = torch.full((batch, spec.image_tokens), spec.image_token_id)
-    after = torch.randint(3, spec.image_token_id, (batch, text_tokens - 5), generator=generator)
-    input_ids = torch.cat([before, image, after], dim=1)
-    pixel_values = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=generator)
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids).to(device),
-        "pixel_values": pixel_values.to(device),
-    }
-
-
-def timed_prefill(model, inputs: dict[str, torch.Tensor]) -> float:
-    """Seconds for one prefill as `generate` runs it: fill a fresh cache, logits of the last position only."""
-    if inputs["input_ids"].is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model(**inputs, use_cache=True, logits_to_keep=1)
-    if inputs["input_ids"].is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+from epic.models.tiny import PRESETS, build_tiny_llava
 
 
 def measure(model, inputs, method: str, tokens: int, layer: int, repeats: int) -> dict[str, float]:
     full, compressed, scoring = [], [], 0.0
     for _ in range(repeats):
-        full.append(timed_prefill(model, inputs))
+        full.append(timed_prefill(model, inputs)[0])
         with epic.compress(model, method, tokens=tokens, layer=layer, profile=True) as state:
-            compressed.append(timed_prefill(model, inputs))
+            compressed.append(timed_prefill(model, inputs)[0])
         scoring += state.scoring_seconds
     return {
         "full_s": statistics.median(full),
@@ -88,11 +61,11 @@ def main() -> None:
     if args.layers:
         spec = replace(spec, num_layers=args.layers)
     model = build_tiny_llava(spec, attn_implementation=args.attn, dtype=getattr(torch, args.dtype)).to(args.device)
-    inputs = prompt(spec, args.text_tokens, args.batch, args.device)
+    inputs = synthetic_prompt(model, args.text_tokens, args.batch)
     shape = DecoderShape.from_config(model.config)
     length = inputs["input_ids"].shape[1]
     for _ in range(2):  # warm-up (allocator, kernels)
-        timed_prefill(model, inputs)
+        timed_prefill(model, inputs)[0]
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(

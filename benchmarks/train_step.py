@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 
 import epic
 from epic.distill import StepPlan
+from epic.eval.bench import resident_growth_during
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from epic.train.step import ConsistencyLoss
 
@@ -158,11 +157,6 @@ def setup(method: str, rows: int, prompt: int, answer: int, attn: str = "sdpa"):
     return model, optimizer, make_batch(rows, prompt, answer)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
-
-
 def peak_memory(name: str, args) -> float:
     """MB above the pre-step resident set during one step (after a warm-up step), in this process."""
     model, optimizer, batch = setup(args.method, args.rows, args.prompt, args.answer, args.attn)
@@ -170,20 +164,12 @@ def peak_memory(name: str, args) -> float:
     step()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    before, peak, running = rss_bytes(), [0], [True]
 
-    def sample() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
+    def measured_step() -> None:
+        step()
+        optimizer.step()
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    step()
-    optimizer.step()
-    running[0] = False
-    sampler.join()
-    return (max(peak[0], rss_bytes()) - before) / 2**20
+    return resident_growth_during(measured_step) / 2**20
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ from the real cache tensors next to the formula.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,8 @@ from tqdm import tqdm
 
 import epic
 from epic.compression import METHODS
-from epic.eval.cost import DecoderShape, kv_cache_bytes, measured_cache_bytes, prefill_macs
+from epic.eval.bench import synthetic_prompt, timed_prefill
+from epic.eval.cost import DecoderShape, kv_cache_bytes, prefill_macs
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 
 PAPER_BUDGETS = (576, 192, 128, 64, 36)  # LLaVA-1.5 budgets; mapped proportionally onto N visual tokens
@@ -50,41 +50,22 @@ def scaled_budgets(image_tokens: int) -> list[int]:
     return [max(1, round(image_tokens * budget / 576)) for budget in PAPER_BUDGETS]
 
 
-def _prompt(spec: TinyLlavaSpec, batch: int, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    text = lambda n: torch.randint(3, spec.image_token_id, (batch, n), generator=generator)  # noqa: E731
-    image = torch.full((batch, spec.image_tokens), spec.image_token_id)
-    input_ids = torch.cat([text(6), image, text(24)], dim=1)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": torch.randn(batch, 3, spec.image_size, spec.image_size, generator=generator),
-    }
-
-
-def _prefill(model, inputs) -> tuple[float, int]:
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - start, measured_cache_bytes(out.past_key_values)
-
-
 def run_tour(spec: TinyLlavaSpec, layer: int = 2, batch: int = 2, repeats: int = 3, seed: int = 0) -> Tour:
     """Measure every method at every scaled budget against the uncompressed prefill."""
     model = build_tiny_llava(spec, seed=seed)
-    inputs = _prompt(spec, batch, seed)
+    inputs = synthetic_prompt(model, text_tokens=30, batch=batch, seed=seed)
     shape = DecoderShape.from_config(model.config)
     length = inputs["input_ids"].shape[1]
     bytes_per_value = next(model.parameters()).element_size()
-    full_cache = _prefill(model, inputs)[1]  # also the warm-up
+    full_cache = timed_prefill(model, inputs)[1]  # also the warm-up
     rows, full_times = [], []
     budgets = scaled_budgets(spec.image_tokens)
     for method, tokens in tqdm([(m, t) for m in sorted(METHODS) for t in budgets], desc="tour", unit="run"):
         full, compressed = [], []
         for _ in range(repeats):
-            full.append(_prefill(model, inputs)[0])
+            full.append(timed_prefill(model, inputs)[0])
             with epic.compress(model, method, tokens=tokens, layer=layer, seed=seed) as state:
-                seconds, cache = _prefill(model, inputs)
+                seconds, cache = timed_prefill(model, inputs)
             compressed.append(seconds)
         full_times += full
         kept_length = length - spec.image_tokens + tokens

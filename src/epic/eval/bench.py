@@ -47,7 +47,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _prefill(model, inputs) -> tuple[float, int]:
+def timed_prefill(model, inputs) -> tuple[float, int]:
+    """Seconds of one prefill as `generate` runs it (a fresh cache, logits of the last position) and the bytes of
+    the cache it filled, read from the cache tensors."""
     device = inputs["input_ids"].device
     _sync(device)
     start = time.perf_counter()
@@ -85,7 +87,7 @@ def _resident_bytes() -> int | None:
         return None
 
 
-def _cpu_peak_during(work) -> int | None:
+def resident_growth_during(work) -> int | None:
     """Resident-set growth during `work()`, sampled every millisecond (approximate: the allocator reuses memory)."""
     before = _resident_bytes()
     if before is None:
@@ -114,8 +116,8 @@ def _measure(model, inputs, new_tokens: int, repeats: int) -> tuple[float, float
         torch.cuda.reset_peak_memory_stats()
         peak = None
     else:
-        peak = _cpu_peak_during(lambda: _prefill(model, inputs))
-    prefills, caches = zip(*(_prefill(model, inputs) for _ in range(repeats)), strict=True)
+        peak = resident_growth_during(lambda: timed_prefill(model, inputs))
+    prefills, caches = zip(*(timed_prefill(model, inputs) for _ in range(repeats)), strict=True)
     prefill = statistics.median(prefills)
     rate = statistics.median(_decode_rate(model, inputs, new_tokens, prefill) for _ in range(repeats))
     if device.type == "cuda":
@@ -161,7 +163,7 @@ def run_bench(
     rows, length = inputs["input_ids"].shape
     visual = int((inputs["input_ids"] == image_token).sum()) // max(rows, 1)
     bytes_per_value = next(model.parameters()).element_size()
-    _prefill(model, inputs)  # warm-up
+    timed_prefill(model, inputs)  # warm-up
     base_prefill, base_rate, base_cache, base_peak = _measure(model, inputs, new_tokens, repeats)
     base_flops = 2 * prefill_macs(shape, length) * rows
     result = [

@@ -175,6 +175,47 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_model(args: argparse.Namespace):
+    """Model, processor and template for `epic chat` / `epic web`: MODEL, or the one `epic demo` trained."""
+    from epic.chat import ChatError, default_demo_model, load_chat_model
+
+    try:
+        folder = Path(args.model) if args.model else default_demo_model()
+        _require_llava(str(folder))
+        return load_chat_model(folder, args.template)
+    except ChatError as error:
+        raise SystemExit(f"epic {args.command}: {error}") from None
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from epic.chat import ChatError, ChatSession, chat_loop
+
+    torch.set_num_threads(args.threads)
+    model, processor, template = _chat_model(args)
+    try:
+        session = ChatSession(
+            model, processor, template, Path(args.image), args.method, args.tokens, args.layer, args.max_new_tokens
+        )
+    except ChatError as error:
+        raise SystemExit(f"epic chat: {error}") from None
+    with session:
+        return chat_loop(session)
+
+
+def _web(args: argparse.Namespace) -> int:
+    import torch
+
+    from epic.web import WebDemo, serve
+
+    torch.set_num_threads(args.threads)
+    model, processor, template = _chat_model(args)
+    demo = WebDemo(model, processor, template, args.layer, args.max_new_tokens, int(args.max_upload_mb * 2**20))
+    serve(demo, args.host, args.port)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
@@ -228,6 +269,17 @@ def _train_help() -> str:
     from epic.train.config import ARGUMENT_CLASSES
 
     return HfArgumentParser(ARGUMENT_CLASSES[:3]).format_help()
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL and the options `epic chat` and `epic web` share."""
+    parser.add_argument(
+        "model", nargs="?", help="a LLaVA folder (default: the model `epic demo` trained, epic-demo/models/tcd or base)"
+    )
+    parser.add_argument("--template", help="chat template (default: the one stored with the model, or its own)")
+    parser.add_argument("--layer", type=int, default=2, help="K, the first decoder layer that sees the kept tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +396,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="epic-out/bench")
     bench.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     bench.set_defaults(run=_bench)
+
+    chat = commands.add_parser(
+        "chat",
+        help="talk about an image with a compressed model in the terminal (multi-turn, streamed, with costs)",
+        description="A multi-turn conversation about one image; the image is compressed once at the first turn and "
+        "later turns reuse the KV cache. Commands between turns: /tokens N, /method NAME, /image PATH, /reset, "
+        "/quit. Each answer ends with a cost line.",
+    )
+    _model_arguments(chat)
+    chat.add_argument("--image", required=True, help="the image to talk about")
+    chat.add_argument("--method", default="dart", help="dart, fastv, random, or none (all visual tokens)")
+    chat.add_argument("--tokens", type=int, default=64, help="visual tokens kept per image")
+    chat.set_defaults(run=_chat)
+
+    web = commands.add_parser(
+        "web",
+        help="a local web page to ask a compressed model about an image (Gradio: pip install 'epic-mllm[web]')",
+        description="Image upload, question, method and budget, the answer (optionally beside the full-token one), "
+        "the kept-token overlay and the costs. Listens on 127.0.0.1 unless --host names another address.",
+    )
+    _model_arguments(web)
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (another than loopback exposes it)")
+    web.add_argument("--port", type=int, default=7860)
+    web.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image upload accepted")
+    web.set_defaults(run=_web)
 
     train = commands.add_parser(
         "train",

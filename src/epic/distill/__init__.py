@@ -1,7 +1,15 @@
 """Distillation: schedules and losses as pure functions (nothing here knows about training loops)."""
 
-from epic.distill.curriculum import MODES, Curriculum, StepPlan
-from epic.distill.losses import ce_rows, distilled_positions, kd_loss, kl_rows
+from epic.distill.curriculum import KD_MODES, MODES, Curriculum, StepPlan
+from epic.distill.llava_kd import (
+    image_positions,
+    relation_loss,
+    relation_rows,
+    shared_columns,
+    visual_kd_loss,
+    visual_kd_rows,
+)
+from epic.distill.losses import ce_rows, distilled_positions, kd_loss, kl_per_row, kl_rows
 from epic.distill.schedules import (
     LayerSchedule,
     TokenSchedule,
@@ -11,6 +19,7 @@ from epic.distill.schedules import (
 )
 
 __all__ = [
+    "KD_MODES",
     "MODES",
     "Curriculum",
     "LayerSchedule",
@@ -18,9 +27,16 @@ __all__ = [
     "TokenSchedule",
     "ce_rows",
     "distilled_positions",
+    "image_positions",
     "kd_loss",
+    "kl_per_row",
     "kl_rows",
+    "relation_loss",
+    "relation_rows",
     "released_token_schedule",
+    "shared_columns",
     "step_generator",
     "target_token_schedule",
+    "visual_kd_loss",
+    "visual_kd_rows",
 ]

@@ -8,7 +8,8 @@ import torch
 
 from epic.distill.schedules import LayerSchedule, TokenSchedule
 
-MODES = ("sft", "tcd", "lcd", "tcd+lcd")
+KD_MODES = ("kd-pretrain", "kd-finetune", "kd-tcd")  # LLaVA-KD: a separate, larger teacher model
+MODES = ("sft", "tcd", "lcd", "tcd+lcd", *KD_MODES)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,12 @@ class StepPlan:
 @dataclass(frozen=True)
 class Curriculum:
     """The mode's schedules: `sft` (optionally a fixed ratio), `tcd` (ratio schedule, teacher gap), `lcd` (layer
-    schedule at the target ratio) or `tcd+lcd` (both)."""
+    schedule at the target ratio) or `tcd+lcd` (both).
+
+    The LLaVA-KD modes distil from a separate teacher model that always sees every token (its plan says no
+    compression): `kd-pretrain` and `kd-finetune` train the student at full tokens, `kd-tcd` compresses the student
+    on the TCD ratio schedule (the schedule's teacher ratio is not used).
+    """
 
     mode: str
     num_layers: int
@@ -55,7 +61,11 @@ class Curriculum:
             )
         if self.target_ratio is not None and not 0.0 <= self.target_ratio < 1.0:
             raise ValueError(f"the target ratio must lie in [0, 1), got {self.target_ratio}")
-        if self.mode != "sft" and self.target_ratio is None:
+        if self.mode in ("kd-pretrain", "kd-finetune") and self.target_ratio is not None:
+            raise ValueError(
+                f"mode {self.mode!r} trains the student at full tokens; for a compressed student use kd-tcd"
+            )
+        if self.mode not in ("sft", "kd-pretrain", "kd-finetune") and self.target_ratio is None:
             raise ValueError(f"mode {self.mode!r} needs a target budget: set tokens or ratio")
         if "tcd" in self.mode and self.tokens is None:
             raise ValueError(f"mode {self.mode!r} needs a token schedule")
@@ -65,10 +75,10 @@ class Curriculum:
     def step(self, progress: float, generator: torch.Generator) -> StepPlan:
         student_ratio = teacher_ratio = self.target_ratio
         student_layer = teacher_layer = self.layer
-        if self.mode == "sft":
-            teacher_ratio, teacher_layer = None, self.num_layers
         if "tcd" in self.mode:
             student_ratio, teacher_ratio = self.tokens.sample(progress, generator)
+        if self.mode == "sft" or self.mode in KD_MODES:
+            teacher_ratio, teacher_layer = None, self.num_layers
         if "lcd" in self.mode:
             student_layer, teacher_layer = self.layers.layers(progress)
         return StepPlan(student_ratio, student_layer, teacher_ratio, teacher_layer, self.num_layers)

@@ -38,14 +38,19 @@ def kl_rows(
 ) -> torch.Tensor:
     """KL(teacher || student) of [N, V] logits at temperature T, times T^2, in fp32: the mean over rows, or the
     sum divided by `num_items`."""
+    kl = kl_per_row(student_rows, teacher_rows, temperature)
+    return _normalise(kl.sum(), kl.shape[0], num_items) * temperature**2
+
+
+def kl_per_row(student_rows: torch.Tensor, teacher_rows: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[N] KL(teacher || student) of each pair of [N, V] logit rows at temperature T, in fp32 (not times T^2)."""
     if student_rows.shape != teacher_rows.shape:
         raise ValueError(
             f"student rows {tuple(student_rows.shape)} and teacher rows {tuple(teacher_rows.shape)} differ"
         )
     student_log = F.log_softmax(student_rows.float() / temperature, dim=-1)
     teacher_log = F.log_softmax(teacher_rows.float() / temperature, dim=-1)
-    kl = (teacher_log.exp() * (teacher_log - student_log)).sum(dim=-1)
-    return _normalise(kl.sum(), kl.shape[0], num_items) * temperature**2
+    return (teacher_log.exp() * (teacher_log - student_log)).sum(dim=-1)
 
 
 def kd_loss(

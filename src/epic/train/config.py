@@ -17,6 +17,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from epic.distill.curriculum import MODES
+from epic.train.kd import KD_WEIGHT_PRESETS, KDWeights, kd_weights
 
 SCHEDULES = ("target", "released")
 
@@ -37,6 +38,18 @@ class ModelArguments:
         default=None, metadata={"help": "conversation template (default: the checkpoint's epic.json)"}
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2"})
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "kd-* modes: the teacher, a LLaVA checkpoint (hub id or folder) with the student's tokenizer"
+        },
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "the teacher's dtype: auto (bf16 on a GPU that has it, else fp32), bfloat16, float16 or float32"
+        },
+    )
     tiny_layers: int = field(default=4, metadata={"help": "tiny models: decoder layers"})
     tiny_hidden_size: int = field(default=128, metadata={"help": "tiny models: hidden size"})
     tiny_image_size: int = field(default=48, metadata={"help": "tiny models: image side (pixels)"})
@@ -83,10 +96,22 @@ class DistillArguments:
         default=None, metadata={"help": "KD weight: L = alpha*T^2*KL + (1-alpha)*CE (default 0.5; 0.4 for random)"}
     )
     temperature: float = field(default=1.0, metadata={"help": "KD temperature T"})
+    kd_weights: str = field(
+        default="released",
+        metadata={
+            "help": f"LLaVA-KD weights a, b, c of L = CE + a*res + b*vis + c*rel: one of {KD_WEIGHT_PRESETS} "
+            "(1, 1, 1 as the released code; 1, 1, 0.5 as the paper suggests)"
+        },
+    )
+    res_weight: float | None = field(default=None, metadata={"help": "override a (MDist, response part)"})
+    vis_weight: float | None = field(default=None, metadata={"help": "override b (MDist, visual part)"})
+    rel_weight: float | None = field(default=None, metadata={"help": "override c (RDist)"})
     compression_seed: int = field(default=0, metadata={"help": "seeds the schedule's draws and random selection"})
     freeze_vision_tower: bool = field(default=True, metadata={"help": "keep the vision tower frozen"})
     freeze_projector: bool = field(default=False, metadata={"help": "keep the projector frozen"})
-    freeze_language_model: bool = field(default=False, metadata={"help": "keep the LLM frozen"})
+    freeze_language_model: bool = field(
+        default=False, metadata={"help": "keep the LLM frozen (kd-pretrain always does: it trains the projector only)"}
+    )
     projector_lr: float | None = field(default=None, metadata={"help": "projector learning rate (default: lr)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank on the LLM (0: full fine-tuning); needs peft"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
@@ -103,6 +128,10 @@ class DistillArguments:
         if not isinstance(options, dict):
             raise ValueError(f"method_options must be a JSON object, got {self.method_options!r}")
         return options
+
+    def loss_weights(self) -> KDWeights:
+        """LLaVA-KD's a, b, c: the preset with any weight overridden."""
+        return kd_weights(self.kd_weights, self.res_weight, self.vis_weight, self.rel_weight)
 
     @property
     def kd_alpha(self) -> float:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -14,11 +15,19 @@ from epic.compression import Budget, build_method
 from epic.data.dataset import LlavaDataset, collate, image_token_count
 from epic.data.shapes import SynthConfig, vocabulary_texts, write_synthetic
 from epic.data.templates import get_template
-from epic.distill import Curriculum, LayerSchedule, TokenSchedule, released_token_schedule, target_token_schedule
+from epic.distill import (
+    KD_MODES,
+    Curriculum,
+    LayerSchedule,
+    TokenSchedule,
+    released_token_schedule,
+    target_token_schedule,
+)
 from epic.models.assemble import ADDITIONAL_TOKENS, assemble_llava, visual_tokens
 from epic.models.factory import build_tiny_llava_with_processor, save_llava, saved_template
 from epic.models.tiny import TinyLlavaSpec
 from epic.train.config import SCHEDULES, DataArguments, DistillArguments, ModelArguments
+from epic.train.kd import LlavaKDLoss, check_teacher, check_visual_tokens, teacher_dtype
 from epic.train.trainer import EpicTrainer, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -117,12 +126,49 @@ def build_curriculum(args: DistillArguments, num_layers: int, image_tokens: int)
     return Curriculum(args.mode, num_layers, args.layer, target, tokens, layers)
 
 
+def check_kd_options(model_args: ModelArguments, args: DistillArguments, student_image_tokens: int) -> None:
+    """The LLaVA-KD options, from configs alone (raises before any weight is loaded): a teacher exactly for the
+    kd-* modes, its visual-token count equal to the student's, valid weights and dtype, something to train."""
+    if args.mode not in KD_MODES:
+        if model_args.teacher:
+            raise ValueError(f"--teacher is used by the LLaVA-KD modes {KD_MODES} only, not by mode {args.mode!r}")
+        return
+    if not model_args.teacher or model_args.teacher.startswith("tiny:"):
+        raise ValueError(f"mode {args.mode!r} distils from a teacher: give --teacher, a trained LLaVA checkpoint")
+    args.loss_weights()
+    teacher_dtype(model_args.teacher_dtype, torch.device("cpu"))
+    if args.mode == "kd-pretrain" and (args.freeze_projector or args.lora_r > 0):
+        raise ValueError("kd-pretrain trains the projector only: it cannot be frozen, and LoRA on the LLM is unused")
+    teacher_config = AutoConfig.from_pretrained(model_args.teacher)
+    check_visual_tokens(
+        student_image_tokens,
+        visual_tokens(teacher_config.vision_config, teacher_config.vision_feature_select_strategy),
+    )
+
+
+def load_teacher(model_args: ModelArguments, device: torch.device) -> LlavaForConditionalGeneration:
+    """The teacher: loaded once, whole (never partitioned by ZeRO-3), frozen, in eval mode, on `device`."""
+    with _whole_parameters():
+        teacher = LlavaForConditionalGeneration.from_pretrained(
+            model_args.teacher,
+            dtype=teacher_dtype(model_args.teacher_dtype, device),
+            attn_implementation=model_args.attn_implementation,
+        )
+    return teacher.to(device).eval().requires_grad_(False)
+
+
 def prepare_model(model, args: DistillArguments):
-    """Freeze what the options say, then wrap the LLM with LoRA when asked."""
-    model.model.vision_tower.requires_grad_(not args.freeze_vision_tower)
+    """Freeze what the options and the stage say, then wrap the LLM with LoRA when asked.
+
+    `kd-pretrain` (Distilled Pre-Training) trains the projector only; the other modes the projector and the LLM
+    unless frozen by the options. Every part is set both ways, so one model can go through the stages in turn.
+    """
+    projector_only = args.mode == "kd-pretrain"
+    language_model = not (args.freeze_language_model or projector_only)
+    model.model.vision_tower.requires_grad_(not (args.freeze_vision_tower or projector_only))
     model.model.multi_modal_projector.requires_grad_(not args.freeze_projector)
-    model.model.language_model.requires_grad_(not args.freeze_language_model)
-    model.lm_head.requires_grad_(not args.freeze_language_model)
+    model.model.language_model.requires_grad_(language_model)
+    model.lm_head.requires_grad_(language_model)
     if args.lora_r <= 0:
         return model
     try:
@@ -149,15 +195,17 @@ def _connect_processes(training_args: TrainingArguments) -> None:
         deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
 
 
-def run_training(
+def build_trainer(
     model_args: ModelArguments,
     data_args: DataArguments,
     distill_args: DistillArguments,
     training_args: TrainingArguments,
-) -> Path:
-    """Train as the options say; returns the folder of the final checkpoint (a plain transformers LLaVA)."""
+) -> EpicTrainer:
+    """Check every option, then build the model (and the teacher of the kd-* modes), the data and the trainer."""
     set_seed(training_args.seed)
-    build_curriculum(distill_args, *model_shape(model_args))  # every option checked before any compute
+    num_layers, image_tokens = model_shape(model_args)
+    build_curriculum(distill_args, num_layers, image_tokens)  # every option checked before any compute
+    check_kd_options(model_args, distill_args, image_tokens)
     if distill_args.lora_r > 0 and is_deepspeed_zero3_enabled():
         raise ValueError("LoRA under DeepSpeed ZeRO-3 is not supported (merging needs whole weights); use ZeRO-2")
     _connect_processes(training_args)
@@ -169,6 +217,9 @@ def run_training(
     curriculum = build_curriculum(
         distill_args, model.config.text_config.num_hidden_layers, image_token_count(processor)
     )
+    if distill_args.mode in KD_MODES:  # before the data is read and the teacher's weights are loaded
+        teacher_config = AutoConfig.from_pretrained(model_args.teacher)
+        check_teacher(model, processor, teacher_config, AutoProcessor.from_pretrained(model_args.teacher))
     template = get_template(template_name, processor.tokenizer)
     dataset = LlavaDataset(
         train_file,
@@ -180,9 +231,15 @@ def run_training(
         on_error=data_args.on_error,
         verify_images=data_args.verify_images,
     )
+    teacher = kd = None
+    if distill_args.mode in KD_MODES:
+        teacher = load_teacher(model_args, training_args.device)
+        kd = LlavaKDLoss(
+            distill_args.loss_weights(), len(processor.tokenizer), distill_args.method, distill_args.options()
+        )
     model = prepare_model(model, distill_args)
     pad_id = processor.tokenizer.pad_token_id
-    trainer = EpicTrainer(
+    return EpicTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
@@ -197,7 +254,20 @@ def run_training(
         template=template_name,
         projector_lr=distill_args.projector_lr,
         group_by_modality_length=data_args.group_by_modality_length,
+        teacher=teacher,
+        kd=kd,
     )
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    distill_args: DistillArguments,
+    training_args: TrainingArguments,
+) -> Path:
+    """Train as the options say; returns the folder of the final checkpoint (a plain transformers LLaVA)."""
+    trainer = build_trainer(model_args, data_args, distill_args, training_args)
+    processor, template_name = trainer.processing_class, trainer.template
     resume = training_args.resume_from_checkpoint
     if resume == "last":
         resume = last_complete_checkpoint(Path(training_args.output_dir))

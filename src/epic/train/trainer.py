@@ -20,8 +20,9 @@ from transformers import Trainer
 
 from epic.compression import Compression
 from epic.data.sampler import ModalityLengthGroupedSampler
-from epic.distill import Curriculum, StepPlan, step_generator
+from epic.distill import KD_MODES, Curriculum, StepPlan, step_generator
 from epic.models.factory import write_template
+from epic.train.kd import LlavaKDLoss
 from epic.train.step import ConsistencyLoss
 
 COMPLETE_MARKER = ".complete"
@@ -37,7 +38,12 @@ def llava_of(model: nn.Module) -> nn.Module:
 
 
 class EpicTrainer(Trainer):
-    """Trainer for `sft`, `tcd`, `lcd` and `tcd+lcd` (see `epic.distill.Curriculum`)."""
+    """Trainer for `sft`, `tcd`, `lcd`, `tcd+lcd` (see `epic.distill.Curriculum`) and, given a `teacher` and `kd`,
+    the LLaVA-KD modes `kd-pretrain`, `kd-finetune` and `kd-tcd`.
+
+    The teacher is a plain attribute, not a submodule of the trained model: the optimizer, DDP and DeepSpeed never
+    see it, and checkpoints hold the student only.
+    """
 
     def __init__(
         self,
@@ -51,9 +57,16 @@ class EpicTrainer(Trainer):
         template: str,
         projector_lr: float | None = None,
         group_by_modality_length: bool = True,
+        teacher: nn.Module | None = None,
+        kd: LlavaKDLoss | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if (teacher is None) != (kd is None) or (kd is not None) != (curriculum.mode in KD_MODES):
+            raise ValueError(f"mode {curriculum.mode!r}: a teacher and a KD loss go together, with the kd-* modes only")
+        self.teacher = teacher
+        self.kd = kd
+        self._images_in_batch: torch.Tensor | None = None  # images of the accumulated batch (all ranks), for KD
         self.curriculum = curriculum
         self.consistency = ConsistencyLoss(method, method_options, alpha, temperature)
         self.compression_seed = compression_seed
@@ -95,12 +108,49 @@ class EpicTrainer(Trainer):
             loss = self._scale_for_devices(outputs.loss, num_items_in_batch)
             return (loss, outputs) if return_outputs else loss
 
+        if self.kd is not None:
+            return self._kd_loss(model, llava, inputs, plan, seed, return_outputs, num_items_in_batch)
         result = self.consistency(model, llava, inputs, plan, seed, num_items_in_batch)
         self._student, loss, ce, kd = result.student, result.loss, result.ce, result.kd
         local = float(num_items_in_batch) / max(result.rows, 1) if num_items_in_batch is not None else 1.0
         self._record(plan, ce=ce.item() * local, kd=kd.item() * local)  # logged as this micro-batch's means
         loss = self._scale_for_devices(loss, num_items_in_batch)
         return (loss, {"logits": result.student_rows}) if return_outputs else loss
+
+    def _kd_loss(
+        self,
+        model: nn.Module,
+        llava: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        plan: StepPlan,
+        seed: int,
+        return_outputs: bool,
+        num_items_in_batch: torch.Tensor | int | None,
+    ):
+        """LLaVA-KD: token parts divided by the accumulated batch's token count, image parts by its image count."""
+        num_images = None if num_items_in_batch is None else self._images_in_batch
+        with self.accelerator.autocast():  # the student's visual rows are projected outside its forward
+            result = self.kd(model, llava, self.teacher, inputs, plan, seed, num_items_in_batch, num_images)
+        self._student = result.student
+        tokens = float(num_items_in_batch) / max(result.rows, 1) if num_items_in_batch is not None else 1.0
+        losses = {"ce": result.ce.item() * tokens, "res": result.response.item() * tokens}
+        if result.images:  # logged as this micro-batch's means; a micro-batch without images has no image parts
+            images = float(num_images) / result.images if num_images is not None else 1.0
+            losses.update(vis=result.visual.item() * images, rel=result.relation.item() * images)
+        self._record(plan, **losses)
+        loss = self._scale_for_devices(result.loss, num_items_in_batch)
+        return (loss, {"logits": result.student_rows}) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """Also counts the images of the accumulated batch (across ranks when tokens are), for the KD image parts."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.kd is not None:
+            images = sum(len(batch["pixel_values"]) for batch in batch_samples if "pixel_values" in batch)
+            images = torch.tensor(images, device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                images = self.accelerator.gather(images).sum()
+            self._images_in_batch = images
+        return batch_samples, num_items_in_batch
 
     def _scale_for_devices(self, loss: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
         """As the Trainer's own `compute_loss`: a loss normalised by the token count of all ranks is multiplied by

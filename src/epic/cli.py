@@ -5,21 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from epic.models.tiny import PRESETS, TEXT_CONFIGS
+from epic.models.tiny import PRESETS
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    from epic.demo import demo_config, run_demo
 
-    from epic.tour import format_tour, run_tour
-
-    torch.set_num_threads(args.threads)
-    spec = replace(PRESETS["demo"], text_model=args.text_model)
-    tour = run_tour(spec, layer=args.layer, batch=args.batch, repeats=args.repeats, seed=args.seed)
-    print(format_tour(tour))
+    config = demo_config(quick=args.quick, seed=args.seed, workers=args.workers)
+    run_demo(config, Path(args.out))
     return 0
 
 
@@ -224,7 +219,7 @@ def _bench(args: argparse.Namespace) -> int:
     from transformers import LlavaForConditionalGeneration
 
     from epic.eval.bench import format_bench, plot_bench, run_bench, synthetic_prompt
-    from epic.models.tiny import PRESETS, build_tiny_llava
+    from epic.models.tiny import build_tiny_llava
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -288,16 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="compress a tiny LLaVA with every method; print what was kept and what it saved",
-        description="Build a tiny LLaVA (random weights, offline), compress it with every registered method at "
-        "the paper's budgets scaled to its image, and print the kept patches, prefill time and KV cache.",
+        help="the EPIC experiment in miniature: train, compress, distil, evaluate and cost a tiny LLaVA",
+        description="Draw the built-in shapes set, train a tiny LLaVA at full tokens, then SFT, direct SFT at the "
+        "N/9 budget, TCD and LCD from it; evaluate every model with every method at every budget, measure the cost, "
+        "and write report.md with the tables, plots and settings. Finished stages are reused from --out.",
     )
-    demo.add_argument("--text-model", choices=sorted(TEXT_CONFIGS), default="llama")
-    demo.add_argument("--layer", type=int, default=2, help="K, the first decoder layer that sees the kept tokens")
-    demo.add_argument("--batch", type=int, default=2)
-    demo.add_argument("--repeats", type=int, default=3, help="timed prefills per measurement (median)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    demo.add_argument("--out", default="epic-demo", help="output folder (the base model is cached there)")
+    demo.add_argument("--quick", action="store_true", help="the same pipeline, small everywhere (a few minutes)")
+    demo.add_argument("--seed", type=int, default=0, help="data, base model and first fine-tuning seed")
+    demo.add_argument("--workers", type=int, default=2, help="processes, one thread each (default: two cores)")
     demo.set_defaults(run=_demo)
 
     data = commands.add_parser("data", help="check LLaVA-format data; draw the built-in synthetic set")

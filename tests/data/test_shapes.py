@@ -97,3 +97,40 @@ def test_synth_command(tmp_path, capsys):
     )
     assert "wrote the shapes set" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "train.json").read_text())) == 20
+
+
+def test_multi_turn_training_split_asks_each_scene_in_one_conversation(tmp_path):
+    config = SynthConfig(n_train=50, n_val=5, n_test=20, n_captions=3, questions_per_scene=5, multi_turn_train=True)
+    write_synthetic(tmp_path, config)
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert len({row["image"] for row in train}) == len(train)  # one row per scene
+    turns = [turn for row in train for turn in row["conversations"]]
+    assert sum(turn["from"] == "gpt" for turn in turns) == 50  # every question is still asked
+    for row in train:
+        humans = [turn["value"] for turn in row["conversations"][::2]]
+        assert humans[0].startswith("<image>\n") and not any("<image>" in text for text in humans[1:])
+    test = json.loads((tmp_path / "test.json").read_text())
+    assert all(len(row["conversations"]) == 2 for row in test)  # evaluation stays single-turn
+    assert not read_records(tmp_path / "train.json", tmp_path / "images").problems
+
+
+def test_question_types_subset_and_dense_scenes(tmp_path):
+    config = SynthConfig(
+        n_train=60,
+        n_val=0,
+        n_test=60,
+        n_captions=2,
+        grid=8,
+        image_size=96,
+        min_shapes=10,
+        max_shapes=16,
+        question_types=("count", "colour"),
+    )
+    write_synthetic(tmp_path, config)
+    test = json.loads((tmp_path / "test.json").read_text())
+    assert {row["type"] for row in test} == {"count", "colour"} and len(test) == 60
+    assert all(int(row["answer"]) <= 3 for row in test if row["type"] == "count")  # dense scenes skip, never lie
+    captions = json.loads((tmp_path / "captions.json").read_text())
+    assert captions[0]["conversations"][0]["value"] == "<image>\nDescribe the image."
+    with pytest.raises(ValueError, match="question_types"):
+        SynthConfig(question_types=("colour", "smell"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ QUESTION_TYPES = ("colour", "count", "exists", "relation", "choice")
 POPE_SPLITS = ("random", "popular", "adversarial")
 LETTERS = "ABCD"
 MAX_COUNT_ANSWER = 3
+CAPTION_REQUEST = "Describe the image."  # the caption rows' question (LLaVA's plain template ignores it)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,16 @@ class SynthConfig:
     min_shapes: int = 2
     max_shapes: int = 6
     questions_per_scene: int = 3
+    question_types: tuple[str, ...] = QUESTION_TYPES  # drawn in turn
+    multi_turn_train: bool = False  # the train split asks each scene's questions in one conversation
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [kind for kind in self.question_types if kind not in QUESTION_TYPES]
+        if unknown or not self.question_types:
+            raise ValueError(
+                f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {self.question_types}"
+            )
 
 
 def position_name(row: int, column: int, grid: int) -> str:
@@ -159,6 +169,8 @@ def ask(
         attributes = list(COLOURS) if form == "colour" else list(KINDS)
         counts = {a: sum((s.colour if form == "colour" else s.kind) == a for s in shapes) for a in attributes}
         offered = sorted({c for c in counts.values() if c <= MAX_COUNT_ANSWER})
+        if not offered:
+            return None  # a dense scene: every count of this form is above MAX_COUNT_ANSWER
         asked = counts_asked if counts_asked is not None else Counter()
         fewest = min(asked[(form, c)] for c in offered)
         answer = int(rng.choice([c for c in offered if asked[(form, c)] == fewest]))
@@ -256,10 +268,9 @@ def _split(
         for _ in range(config.questions_per_scene):
             if len(rows) >= n_questions:
                 break
-            kind = QUESTION_TYPES[len(rows) % len(QUESTION_TYPES)]
-            pope_split = (
-                POPE_SPLITS[(len(rows) // len(QUESTION_TYPES)) % len(POPE_SPLITS)] if kind == "exists" else None
-            )
+            types = config.question_types
+            kind = types[len(rows) % len(types)]
+            pope_split = POPE_SPLITS[(len(rows) // len(types)) % len(POPE_SPLITS)] if kind == "exists" else None
             asked = ask(kind, scene, rng, config.grid, popular, pope_split, counts_asked)
             if asked is None:
                 continue
@@ -282,6 +293,22 @@ def _split(
     return rows
 
 
+def as_conversations(rows: list[dict]) -> list[dict]:
+    """Merge the rows of each image into one multi-turn conversation (LLaVA's own data is multi-turn): the image
+    is encoded once for several supervised answers. Only the first turn carries `<image>`."""
+    merged: list[dict] = []
+    for row in rows:
+        if merged and merged[-1]["image"] == row["image"]:
+            question, answer = row["conversations"]
+            merged[-1]["conversations"] += [
+                {"from": "human", "value": question["value"].replace("<image>\n", "", 1)},
+                answer,
+            ]
+            continue
+        merged.append({"id": row["id"], "image": row["image"], "conversations": list(row["conversations"])})
+    return merged
+
+
 def _captions(n: int, config: SynthConfig, rng: np.random.Generator, out_dir: Path) -> list[dict]:
     rows = []
     for index in range(n):
@@ -295,7 +322,7 @@ def _captions(n: int, config: SynthConfig, rng: np.random.Generator, out_dir: Pa
                 "id": f"caption-{index:06d}",
                 "image": relative,
                 "conversations": [
-                    {"from": "human", "value": "<image>"},
+                    {"from": "human", "value": f"<image>\n{CAPTION_REQUEST}"},
                     {"from": "gpt", "value": caption(scene, config.grid)},
                 ],
             }
@@ -313,11 +340,13 @@ def write_synthetic(out_dir: Path, config: SynthConfig) -> dict[str, Path]:
     files = {}
     for name, size in (("train", config.n_train), ("val", config.n_val), ("test", config.n_test)):
         rows = _split(name, size, config, rng, out_dir, popular)
+        if name == "train" and config.multi_turn_train:
+            rows = as_conversations(rows)
         files[name] = out_dir / f"{name}.json"
         files[name].write_text(json.dumps(rows, indent=1))
     files["captions"] = out_dir / "captions.json"
     files["captions"].write_text(json.dumps(_captions(config.n_captions, config, rng, out_dir), indent=1))
-    (out_dir / "synth_config.json").write_text(json.dumps(config.__dict__, indent=1))
+    (out_dir / "synth_config.json").write_text(json.dumps(asdict(config), indent=1))
     return files
 
 
@@ -333,5 +362,6 @@ def vocabulary_texts(config: SynthConfig) -> list[str]:
         "Is the to the left of right of above below the ? Answer yes or no.",
         "What shape is at the ? Answer with the option's letter from the given choices directly.",
         "There is a an at the , and .",
+        CAPTION_REQUEST,
     ]
     return words + phrases

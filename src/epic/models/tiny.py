@@ -58,7 +58,7 @@ class TinyLlavaSpec:
 
 PRESETS = {
     "tiny": TinyLlavaSpec(),
-    # the compression tour of `epic demo`: 196 visual tokens, a decoder wide enough for timings to mean something
+    # 196 visual tokens and a decoder wide enough for CPU timings to mean something
     "demo": TinyLlavaSpec(
         vocab_size=512,
         hidden_size=512,

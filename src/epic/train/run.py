@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from epic.train.kd import LlavaKDLoss, check_teacher, check_visual_tokens, teach
 from epic.train.trainer import EpicTrainer, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
+LOG_FILE = "log_history.json"  # beside the final checkpoint: every logged loss and schedule value
 
 
 @contextmanager
@@ -284,4 +286,6 @@ def run_training(
             save_llava(trainer.model.merge_and_unload(), processor, final, template_name)
     else:
         trainer.save_model(str(final))  # gathers ZeRO-3 partitions; writes the processor and epic.json too
+    if trainer.args.should_save:
+        (final / LOG_FILE).write_text(json.dumps(trainer.state.log_history, indent=1))  # the losses, for reports
     return final

@@ -1,0 +1,6 @@
+"""`epic demo`: the paper's experiment in miniature on the built-in data (see `pipeline` and `report`)."""
+
+from epic.demo.config import DemoConfig, demo_config, scaled_budgets
+from epic.demo.pipeline import run_demo
+
+__all__ = ["DemoConfig", "demo_config", "run_demo", "scaled_budgets"]

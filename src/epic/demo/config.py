@@ -1,0 +1,134 @@
+"""What `epic demo` runs: the data, the model shape, the training budgets and the evaluation grid, in one place.
+
+The paper's budgets for LLaVA-1.5's 576 visual tokens map proportionally onto the demo's N tokens
+(576 -> N, 192 -> N/3, 128 -> 2N/9, 64 -> N/9, 36 -> N/16); the headline budget is N/9.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from epic.data.shapes import QUESTION_TYPES, SynthConfig
+from epic.models.tiny import TinyLlavaSpec
+
+PAPER_BUDGETS = (576, 192, 128, 64, 36)
+HEADLINE_BUDGET = 64  # of 576: the paper's main comparison
+
+
+def scaled_budget(image_tokens: int, paper_budget: int) -> int:
+    """A budget of LLaVA-1.5 (out of 576 tokens) mapped onto an image of `image_tokens` tokens."""
+    return max(1, round(image_tokens * paper_budget / 576))
+
+
+def scaled_budgets(image_tokens: int) -> list[int]:
+    """The paper's budgets mapped onto `image_tokens` (576 -> N, 64 -> N/9, ...), largest first."""
+    return [scaled_budget(image_tokens, budget) for budget in PAPER_BUDGETS]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Every setting of a demo run; `report.md` records it whole."""
+
+    seed: int = 0  # data, the base model's initialisation and training
+    fine_tune_seeds: int = 2  # the headline comparison is trained with seeds seed, seed+1, ...
+    # the built-in data
+    image_size: int = 48
+    patch_size: int = 6
+    grid: int = 3
+    min_shapes: int = 3
+    max_shapes: int = 7
+    question_types: tuple[str, ...] = QUESTION_TYPES
+    n_train: int = 40000  # questions, asked as one conversation per scene
+    n_captions: int = 12000  # the base also learns from captions: every shape, colour and place is supervised
+    n_test: int = 2000
+    # the model: a one-layer CLIP tower (its patch embedding is the visual feature), a Llama decoder
+    hidden_size: int = 128
+    num_layers: int = 6
+    num_heads: int = 4
+    layer: int = 2  # K: compression before this decoder layer
+    template: str = "chatml"
+    # training
+    batch_size: int = 32
+    base_steps: int = 3000
+    base_lr: float = 2e-3
+    extra_steps: int = 600  # every comparison model continues from the base for this many steps
+    extra_lr: float = 5e-4
+    methods: tuple[str, ...] = ("dart", "fastv", "random")
+    train_method: str = "dart"
+    workers: int = 2  # processes, one thread each
+    eval_batch_size: int = 64
+    pictures: int = 3
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def budgets(self) -> list[int]:
+        return scaled_budgets(self.image_tokens)
+
+    @property
+    def target_tokens(self) -> int:
+        """The headline budget: 64 of 576 mapped onto N (N/9)."""
+        return scaled_budget(self.image_tokens, HEADLINE_BUDGET)
+
+    def spec(self) -> TinyLlavaSpec:
+        return TinyLlavaSpec(
+            hidden_size=self.hidden_size,
+            intermediate_size=2 * self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            vision_hidden_size=64,
+            vision_layers=1,
+            vision_heads=2,
+        )
+
+    def synth(self) -> SynthConfig:
+        return SynthConfig(
+            n_train=self.n_train,
+            n_val=0,
+            n_test=self.n_test,
+            n_captions=self.n_captions,
+            image_size=self.image_size,
+            grid=self.grid,
+            min_shapes=self.min_shapes,
+            max_shapes=self.max_shapes,
+            questions_per_scene=len(self.question_types),
+            question_types=self.question_types,
+            multi_turn_train=True,
+            seed=self.seed,
+        )
+
+    def base_key(self) -> dict[str, Any]:
+        """Everything the base model depends on: a cached base is reused only when this matches."""
+        keys = ("seed", "image_size", "patch_size", "grid", "min_shapes", "max_shapes", "question_types", "n_train")
+        keys += ("n_captions",)
+        keys += ("hidden_size", "num_layers", "num_heads", "template", "batch_size", "base_steps", "base_lr")
+        return {key: getattr(self, key) for key in keys} | {"workers": self.workers}
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+QUICK = {
+    "fine_tune_seeds": 1,
+    "n_train": 1500,
+    "n_captions": 500,
+    "n_test": 200,
+    "hidden_size": 64,
+    "num_layers": 4,
+    "batch_size": 16,
+    "base_steps": 60,
+    "extra_steps": 20,
+    "pictures": 1,
+}
+
+
+def demo_config(quick: bool = False, seed: int = 0, **overrides: Any) -> DemoConfig:
+    """The full demo's settings, or `--quick`'s (the same pipeline, smaller everywhere)."""
+    config = DemoConfig(seed=seed)
+    return replace(config, **((QUICK if quick else {}) | overrides))

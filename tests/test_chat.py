@@ -128,7 +128,11 @@ def test_second_turn_prefills_only_the_new_text_on_the_same_cache(tiny, method, 
     assert not model._forward_pre_hooks and not model._forward_hooks  # closing the session detached everything
 
 
-def test_a_reply_closed_by_the_model_is_not_closed_twice(tiny):
+@pytest.mark.parametrize("template", ["vicuna_v1", "chatml"])
+def test_a_reply_the_model_stopped_is_closed_once_as_the_template_writes_it(tiny, template):
+    """vicuna_v1 closes a reply with </s>, the model's own stop token: it is not fed twice. ChatML closes it with
+    <|im_end|>: a model that stopped on </s> (also a stop token) must not leave that </s> in the cache. Either way
+    the next turn continues exactly the conversation the template encodes from scratch."""
     _, model, processor = tiny
     eos = processor.tokenizer.eos_token_id
 
@@ -138,7 +142,7 @@ def test_a_reply_closed_by_the_model_is_not_closed_twice(tiny):
     force_eos = model.lm_head.register_forward_hook(always_eos)
     forwards = Forwards(model)
     try:
-        with session(tiny) as chat:
+        with session(tiny, template) as chat:
             pieces: list[str] = []
             first = chat.ask(QUESTIONS[0], pieces.append)
             chat.ask(QUESTIONS[1])
@@ -146,8 +150,33 @@ def test_a_reply_closed_by_the_model_is_not_closed_twice(tiny):
         forwards.remove()
         force_eos.remove()
     assert first.text == "" and pieces == [] and first.cost.decode_tokens == 0
-    prompt, whole = conversation_ids(tiny, "")
-    assert forwards.ids[1] == whole[len(prompt) :] and forwards.ids[1].count(eos) == 1
+    prompt, whole = conversation_ids(tiny, "", template)
+    assert forwards.ids[1] == whole[len(prompt) :]
+    assert forwards.ids[1].count(eos) == (1 if template == "vicuna_v1" else 0)
+
+
+def test_an_unfinished_answer_is_not_continued_and_cannot_undo_a_later_conversation(tiny):
+    with session(tiny) as chat:
+        chat.ask(QUESTIONS[0])
+        left = chat.stream(QUESTIONS[1])
+        next(left)  # half of an answer is in the cache, and the reader went on to another question
+        third = chat.ask(QUESTIONS[0])
+        assert third.cost.prefill_tokens > SPEC.image_tokens  # started over with the image, not on the half answer
+        lengths = chat.cache_lengths()
+        with pytest.raises(ChatError, match="superseded"):
+            next(left)
+        left.close()
+        assert chat.cache_lengths() == lengths  # the later conversation is still there
+        assert chat.ask(QUESTIONS[1]).cost.prefill_tokens < SPEC.image_tokens  # and continues
+        unused = chat.stream(QUESTIONS[0])  # asked for, never read: nothing was fed
+        assert chat.ask(QUESTIONS[1]).cost.prefill_tokens < SPEC.image_tokens
+        with pytest.raises(ChatError, match="superseded"):
+            next(unused)  # its ids were for a conversation that has moved on
+        stale = chat.stream(QUESTIONS[0])
+        run_command(chat, "/tokens 16")
+        with pytest.raises(ChatError, match="superseded"):
+            next(stale)
+        assert chat.cache_lengths() == []
 
 
 def test_streamed_pieces_join_to_the_answer_and_the_cost_line(tiny):
@@ -244,6 +273,37 @@ def test_bad_session_inputs(tiny, tmp_path):
         session(tiny, layer=4)
     with pytest.raises(ChatError, match="empty question"):
         session(tiny).stream("  ")
+
+
+def test_only_common_raster_formats_are_decoded(tmp_path, monkeypatch):
+    """An EPS upload must never reach Ghostscript (Pillow hands EPS to it): it is refused as not an image."""
+    from PIL import EpsImagePlugin, Image
+
+    calls = []
+
+    def ghostscript(*args, **kwargs):
+        calls.append(args)
+        return Image.new("RGB", (8, 8)).im
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", ghostscript)
+    eps = tmp_path / "drawing.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n")
+    with pytest.raises(ChatError, match=r"drawing\.eps is not an image in a format Pillow can read here \(PNG, JPEG"):
+        open_image(eps)
+    assert calls == []
+    for name, format_ in (("photo.jpg", "JPEG"), ("photo.webp", "WEBP"), ("photo.gif", "GIF"), ("photo.bmp", "BMP")):
+        Image.new("RGB", (8, 6), "red").save(tmp_path / name, format_)
+        assert open_image(tmp_path / name).size == (8, 6)
+
+
+def test_an_image_with_too_many_pixels_is_refused_before_decoding(tmp_path):
+    """A few KiB of PNG can claim 90 megapixels (under the byte limit, under Pillow's own refusal at twice that)."""
+    from PIL import Image
+
+    Image.new("1", (10_000, 9_000)).save(tmp_path / "bomb.png")  # 1 bit per pixel: small to write, tiny on disk
+    assert (tmp_path / "bomb.png").stat().st_size < 2**20
+    with pytest.raises(ChatError, match=r"bomb\.png has too many pixels \(10000x9000, more than 89,478,485\)"):
+        open_image(tmp_path / "bomb.png", max_bytes=2**20)
 
 
 def test_default_demo_model_prefers_tcd_then_base(tmp_path):

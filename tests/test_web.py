@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from epic.cli import build_parser
+from epic import web
+from epic.cli import build_parser, main
 from epic.data.templates import get_template
 from epic.eval.show import PANEL, TITLE
 from epic.web import WebDemo, _gradio
@@ -97,6 +98,48 @@ def test_missing_gradio_is_named_with_the_extra(monkeypatch):
 def test_the_page_listens_on_loopback_unless_told_otherwise():
     assert build_parser().parse_args(["web"]).host == "127.0.0.1"
     assert build_parser().parse_args(["web", "--host", "0.0.0.0"]).host == "0.0.0.0"
+    assert not build_parser().parse_args(["web"]).allow_remote
+
+
+class FakeApp:
+    """Stands in for the Gradio page: records how it would be launched."""
+
+    def __init__(self) -> None:
+        self.launched: dict | None = None
+
+    def queue(self, **kwargs):
+        return self
+
+    def launch(self, **kwargs) -> None:
+        self.launched = kwargs
+
+
+def test_another_address_than_loopback_needs_the_explicit_flag(tiny, monkeypatch):
+    _, demo = tiny
+    app = FakeApp()
+    monkeypatch.setattr(web, "build_app", lambda demo: app)
+    for host in ("0.0.0.0", "192.168.1.20", "::", "example.org"):
+        with pytest.raises(ValueError, match=f"to listen on {re.escape(host)} .* add --allow-remote"):
+            web.serve(demo, host)
+        assert app.launched is None
+    with pytest.raises(SystemExit, match=r"epic web: .*add --allow-remote"):  # refused before any model is loaded
+        main(["web", "--host", "0.0.0.0"])
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
+        web.serve(demo, host)
+        assert app.launched["server_name"] == host and app.launched["share"] is False
+        assert app.launched["ssr_mode"] is False  # no Node front server binding where the environment says
+    web.serve(demo, "0.0.0.0", allow_remote=True)
+    assert app.launched["server_name"] == "0.0.0.0"
+
+
+def test_every_way_to_ask_shares_one_queue_of_one(tiny):
+    """A click on Ask and Enter in the question box run the same shared model: one at a time across both."""
+    pytest.importorskip("gradio")
+    _, demo = tiny
+    app = web.build_app(demo)
+    asking = [fn for fn in app.fns.values() if fn.fn is not None and fn.fn.__name__ == "answer"]
+    assert len(asking) == 2
+    assert len({fn.concurrency_id for fn in asking}) == 1 and {fn.concurrency_limit for fn in asking} == {1}
 
 
 # ---------------------------------------------------------------------------------------------- in a browser

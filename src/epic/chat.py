@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable, Generator
 from contextlib import closing
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from epic.eval.cost import measured_cache_bytes
 FULL = "none"  # the method name for no compression (every visual token kept)
 DEMO_MODELS = ("tcd", "base")  # what `epic demo` saves under <root>/models/, in order of preference
 _SENTINEL = "\x00epic-reply\x00"  # stands for an answer when finding what a template writes around it
+# what `open_image` reads: common raster formats only (never EPS, which Pillow hands to Ghostscript, nor rarer decoders)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers multi-picture JPEGs (MPO)
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning level (it refuses only at twice that)
 COMMANDS = (
     ("/tokens N", "keep N visual tokens per image (the conversation starts over)"),
     ("/method NAME", f"compress with NAME ({', '.join(sorted(epic.METHODS))}, or {FULL}); starts over"),
@@ -89,7 +93,8 @@ def format_bytes(count: int) -> str:
 
 
 def open_image(source: Path | str, max_bytes: int | None = None) -> Image.Image:
-    """Open an image file as RGB, or raise `ChatError` naming the file: missing, too large, or not an image."""
+    """Open an image file as RGB, or raise `ChatError` naming the file: missing, too large (bytes, or pixels: more
+    than `MAX_PIXELS`, checked from the header before decoding), or not an image in one of `IMAGE_FORMATS`."""
     path = Path(source)
     if not path.is_file():
         raise ChatError(f"image file not found: {path}")
@@ -97,12 +102,20 @@ def open_image(source: Path | str, max_bytes: int | None = None) -> Image.Image:
     if max_bytes is not None and size > max_bytes:
         raise ChatError(f"{path.name} is {format_bytes(size)}, over the upload limit of {format_bytes(max_bytes)}")
     try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a message
+            with Image.open(path, formats=IMAGE_FORMATS) as opened:
+                if opened.width * opened.height > MAX_PIXELS:
+                    raise ChatError(
+                        f"{path.name} has too many pixels ({opened.width}x{opened.height}, more than {MAX_PIXELS:,})"
+                    )
+                return opened.convert("RGB")
     except Image.DecompressionBombError as error:
         raise ChatError(f"{path.name} has too many pixels ({error})") from None
     except OSError:
-        raise ChatError(f"{path.name} is not an image in a format Pillow can read (PNG, JPEG, WebP, ...)") from None
+        raise ChatError(
+            f"{path.name} is not an image in a format Pillow can read here ({', '.join(IMAGE_FORMATS)})"
+        ) from None
 
 
 def default_demo_model(root: Path = Path("epic-demo")) -> Path:
@@ -182,6 +195,8 @@ class ChatSession:
         self._turns: list[Turn] = []
         self._cache = None
         self._pending: int | None = None  # the last generated token: part of the conversation, not yet in the cache
+        self._asked = 0  # bumped by every question and reset: an answer runs only if nothing came after it
+        self._feeding: int | None = None  # the question whose answer is being fed to the cache, between its tokens
         self._handle: epic.Compression | None = None
         self.kept_patches: list[int] | None = None  # patch-grid indices kept at the first turn (row-major)
         if image is not None:
@@ -243,6 +258,8 @@ class ChatSession:
         self._handle = None
         self._cache = None
         self._pending = None
+        self._feeding = None
+        self._asked += 1  # answers asked for before this one will not run
         self._turns = []
         self.kept_patches = None
 
@@ -282,8 +299,9 @@ class ChatSession:
         return encode_prompt(turns, self.template, self.tokenizer, self.processor.image_token_id, self.image_tokens)
 
     def _continuation(self, question: str) -> list[int]:
-        """Ids that follow the cache: the pending last token of the previous answer, the reply's closing as the
-        template writes it (unless that token already was it) and the next user turn with the assistant's cue."""
+        """Ids that follow the cache: the last token of the previous answer unless it was a stop token (the template's
+        closing stands for it), the reply's closing as the template writes it and the next user turn with the
+        assistant's cue: together, what encoding the whole conversation from scratch gives after the cache."""
         asked = self._turns[:-1]  # the conversation as prompted last time (ends on the user)
         try:
             before = _text(self.template.prompt(asked, self.tokenizer.eos_token or ""))
@@ -300,7 +318,7 @@ class ChatSession:
             raise ChatError(f"the {self.template.name!r} template does not extend a conversation turn by turn")
         tail = after.partition(_SENTINEL)[2]
         ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
-        if self._pending in self._stop_ids and ids[:1] == [self._pending]:
+        if self._pending in self._stop_ids:
             return ids
         return [self._pending, *ids]
 
@@ -329,11 +347,19 @@ class ChatSession:
             raise ChatError("empty question")
         if self.image is None:
             raise ChatError("no image: give one with /image PATH")
-        if not self._turns:
-            return self._generate(question, self._first_prompt(question))
-        return self._generate(question, self._continuation(question))
+        if self._feeding is not None:  # an answer was left unfinished: the cache holds half of it
+            self.reset()
+        ids = self._continuation(question) if self._turns else self._first_prompt(question)
+        self._asked += 1
+        return self._generate(question, ids, self._asked)
 
-    def _generate(self, question: str, ids: list[int]) -> Generator[str, None, None]:
+    def _superseded(self) -> ChatError:
+        return ChatError("this answer was superseded by a later question, setting or reset; ask again")
+
+    def _generate(self, question: str, ids: list[int], number: int) -> Generator[str, None, None]:
+        if number != self._asked:
+            raise self._superseded()
+        self._feeding = number
         first = not self._turns
         pixel_values = None
         if first:
@@ -358,13 +384,16 @@ class ChatSession:
                 if visible.startswith(shown) and len(visible) > len(shown):
                     yield visible[len(shown) :]
                     shown = visible
+                    if self._feeding != number:  # another question or a reset came while this one waited
+                        raise self._superseded()
                 if token in self._stop_ids or len(generated) == self.max_new_tokens:
                     break
                 start = time.perf_counter()
                 logits = self._forward([token])
                 decode_seconds += time.perf_counter() - start
         except BaseException:
-            self.reset()  # an interrupted turn leaves the cache half-written
+            if self._feeding == number:  # not when a later question or setting already started over
+                self.reset()  # an interrupted turn leaves the cache half-written
             raise
         kept = self.image_tokens if self.kept_patches is None else len(self.kept_patches)
         cost = Cost(
@@ -379,6 +408,7 @@ class ChatSession:
         user_text = f"{IMAGE_PLACEHOLDER}\n{question}" if first else question
         self._turns += [Turn("user", user_text), Turn("assistant", shown)]
         self._pending = generated[-1]
+        self._feeding = None
         self.last = Answer(shown, cost)
 
     def _record_kept(self, ids: list[int]) -> None:

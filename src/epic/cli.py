@@ -202,12 +202,16 @@ def _chat(args: argparse.Namespace) -> int:
 def _web(args: argparse.Namespace) -> int:
     import torch
 
-    from epic.web import WebDemo, serve
+    from epic.web import WebDemo, check_host, serve
 
+    try:
+        check_host(args.host, args.allow_remote)  # before the model loads
+    except ValueError as error:
+        raise SystemExit(f"epic web: {error}") from None
     torch.set_num_threads(args.threads)
     model, processor, template = _chat_model(args)
     demo = WebDemo(model, processor, template, args.layer, args.max_new_tokens, int(args.max_upload_mb * 2**20))
-    serve(demo, args.host, args.port)
+    serve(demo, args.host, args.port, args.allow_remote)
     return 0
 
 
@@ -408,19 +412,26 @@ def build_parser() -> argparse.ArgumentParser:
         "web",
         help="a local web page to ask a compressed model about an image (Gradio: pip install 'epic-mllm[web]')",
         description="Image upload, question, method and budget, the answer (optionally beside the full-token one), "
-        "the kept-token overlay and the costs. Listens on 127.0.0.1 unless --host names another address.",
+        "the kept-token overlay and the costs. Listens on 127.0.0.1; another address needs --host and "
+        "--allow-remote.",
     )
     _model_arguments(web)
-    web.add_argument("--host", default="127.0.0.1", help="address to listen on (another than loopback exposes it)")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback unless --allow-remote)")
+    web.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host other than loopback: anyone who can reach it can use the model",
+    )
     web.add_argument("--port", type=int, default=7860)
     web.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image upload accepted")
     web.set_defaults(run=_web)
 
     train = commands.add_parser(
         "train",
-        help="train: sft, tcd, lcd or tcd+lcd from a YAML recipe",
-        description="Train from a YAML recipe; `--key value` pairs after it override the recipe. Options: epic's "
-        "own (below, run `epic train --options` for the full list with defaults) and every transformers "
+        help="train: sft, tcd, lcd, tcd+lcd or LLaVA-KD (kd-pretrain, kd-finetune, kd-tcd) from a YAML recipe",
+        description="Train from a YAML recipe; `--key value` pairs after it override the recipe. Modes (--mode): "
+        "sft, tcd, lcd, tcd+lcd (EPIC), and kd-pretrain, kd-finetune, kd-tcd (LLaVA-KD, from a --teacher). Options: "
+        "epic's own (below, run `epic train --options` for the full list with defaults) and every transformers "
         "TrainingArguments field (output_dir, learning_rate, max_steps, save_steps, bf16, deepspeed, ...).",
     )
     train.add_argument("recipe", nargs="?", help="a YAML recipe")

@@ -3,12 +3,14 @@
 An image upload, a question, the method and budget, the answer streamed as it is generated, the kept-token overlay
 and the cost summary; a side-by-side mode answers the same question at full tokens too. Every Ask is a fresh
 one-question conversation (`epic chat` holds multi-turn ones). Uploads are checked here, not by Gradio: size first,
-then whether Pillow can open them, and a failure is a message in the page. The page listens on 127.0.0.1 unless
-another address is named explicitly. Gradio is imported only when the page is built (the `web` extra).
+then the pixel count and the format (`epic.chat.open_image`), and a failure is a message in the page. The page listens
+on loopback; another address needs `allow_remote` (`--allow-remote`) as well. Gradio is imported only when the page is
+built (the `web` extra).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from collections.abc import Iterator
@@ -22,10 +24,28 @@ from epic.data.dataset import image_token_count
 from epic.data.templates import Template
 from epic.eval.show import KeptPatches, draw_kept
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_UPLOAD_MB = 20.0
+MODEL_QUEUE = "model"  # the concurrency group of every event that runs the model: one at a time, whichever it is
 
 Update = tuple[str, str, Image.Image | None, str]  # answer, full-token answer, overlay, cost
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is `localhost` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(host: str, allow_remote: bool = False) -> None:
+    """Refuse a `host` other than loopback unless `allow_remote` says so explicitly."""
+    if not allow_remote and not is_loopback(host):
+        raise ValueError(
+            f"epic web listens on loopback only; to listen on {host} (reachable from other machines) add --allow-remote"
+        )
 
 
 def _gradio():
@@ -151,16 +171,25 @@ def build_app(demo: WebDemo):
         upload.change(demo.check_upload, inputs=upload, outputs=[preview, status])
         inputs = [upload, question, method, tokens, side_by_side]
         outputs = [answer, answer_full, overlay, cost]
-        ask.click(demo.answer, inputs=inputs, outputs=outputs)
-        question.submit(demo.answer, inputs=inputs, outputs=outputs)
+        # one queue for both ways to ask: two bound methods would be two groups (Gradio keys them by id), so a click
+        # and an Enter could run the shared model at once
+        ask.click(demo.answer, inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id=MODEL_QUEUE)
+        question.submit(demo.answer, inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id=MODEL_QUEUE)
     return app
 
 
-def serve(demo: WebDemo, host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Serve the page until interrupted (one question at a time: the model is shared)."""
-    if host not in LOOPBACK:
+def serve(demo: WebDemo, host: str = "127.0.0.1", port: int = 7860, allow_remote: bool = False) -> None:
+    """Serve the page until interrupted (one question at a time: the model is shared). A `host` other than loopback
+    is refused unless `allow_remote` says so explicitly."""
+    check_host(host, allow_remote)
+    if not is_loopback(host):
         print(f"epic web: listening on {host}: anyone who can reach this machine can use the model")
     app = build_app(demo)
     app.queue(default_concurrency_limit=1).launch(
-        server_name=host, server_port=port, max_file_size=demo.max_upload_bytes, share=False, inbrowser=False
+        server_name=host,
+        server_port=port,
+        max_file_size=demo.max_upload_bytes,
+        share=False,
+        inbrowser=False,
+        ssr_mode=False,  # no Node front server, whose address Gradio may take from the environment
     )

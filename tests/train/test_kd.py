@@ -26,7 +26,7 @@ from epic.distill import (
 from epic.models.factory import build_tiny_llava_with_processor, save_llava, tiny_processor, word_tokenizer
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from epic.train.config import parse_recipe
-from epic.train.kd import KDWeights, LlavaKDLoss, check_same_tokenizer, kd_weights
+from epic.train.kd import KDWeights, LlavaKDLoss, check_same_tokenizer, check_teacher, kd_weights
 from epic.train.run import build_model, build_trainer, prepare_model, run_training
 from tests.helpers import Row, make_batch
 from tests.train.conftest import tiny_options
@@ -43,11 +43,12 @@ def models() -> tuple[LlavaForConditionalGeneration, LlavaForConditionalGenerati
     return build_tiny_llava(SPEC), build_tiny_llava(TEACHER_SPEC, seed=1)
 
 
-def test_kd_step_matches_full_forwards():
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_kd_step_matches_full_forwards(padding):
     """Every part against full [B, L, V] forwards of both models, on a padded batch with a two-image row and a row
     without an image; logits compared on the shared columns only."""
     student, teacher = models()
-    batch = make_batch(SPEC, ROWS, "right")
+    batch = make_batch(SPEC, ROWS, padding)
     full = student(**batch)
     with torch.no_grad():
         teacher_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits[..., :VOCAB]
@@ -71,11 +72,12 @@ def test_kd_step_matches_full_forwards():
     assert student.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
 
 
-def test_kd_tcd_step_distils_the_visual_tokens_the_student_kept():
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_kd_tcd_step_distils_the_visual_tokens_the_student_kept(padding):
     """A compressed student: L_vis and L_rel over its kept visual tokens, against the teacher's (full tokens) rows at
     the same original positions; CE and L_res at every response position."""
     student, teacher = models()
-    batch = make_batch(SPEC, ROWS, "right")
+    batch = make_batch(SPEC, ROWS, padding)
     ratio, kept = 1 - 10 / 64, 10
     with torch.no_grad(), epic.compress(student, "dart", ratio=ratio, layer=2) as compression:
         out = student(**batch)
@@ -223,6 +225,17 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_the_first_difference
     argv = kd_options(shapes, tmp_path / "run", tmp_path / "teacher", max_steps=1)
     with pytest.raises(ValueError, match=r"tokenizer differs from the student's .* teacher 'aardvark'"):
         run_training(*parse_recipe(None, argv))
+
+
+def test_a_teacher_that_normalises_pixels_otherwise_is_refused():
+    """The teacher reads the student's pixel values: another mean or std would feed it images it was not trained on."""
+    texts = vocabulary_texts(SynthConfig())
+    student, processor = build_tiny_llava_with_processor(texts)
+    teacher, teacher_processor = build_tiny_llava_with_processor(texts, TinyLlavaSpec(**TEACHER_SHAPE), seed=1)
+    check_teacher(student, processor, teacher.config, teacher_processor)
+    teacher_processor.image_processor.image_mean = (0.5, 0.5, 0.5)  # SigLIP's, against CLIP's
+    with pytest.raises(ValueError, match=r"teacher's image processor has image_mean=\[0\.5, 0\.5, 0\.5\], the student"):
+        check_teacher(student, processor, teacher.config, teacher_processor)
 
 
 def test_a_teacher_with_another_visual_token_count_is_refused(shapes, tmp_path):

@@ -214,10 +214,26 @@ def check_visual_tokens(student: int, teacher: int) -> None:
         )
 
 
+PIXEL_SETTINGS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+
+
+def _pixel_setting(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def check_teacher(student: nn.Module, student_processor: Any, teacher_config: Any, teacher_processor: Any) -> None:
     """Everything the teacher must share with the student, read before the teacher's weights are loaded: the
-    tokenizer, the image token, the visual-token count and the image size (it reads the student's pixels)."""
+    tokenizer, the image token, the visual-token count, the image size and the pixel normalisation (it is fed the
+    student's pixel values)."""
     check_same_tokenizer(student_processor.tokenizer, teacher_processor.tokenizer)
+    for name in PIXEL_SETTINGS:
+        ours = _pixel_setting(getattr(student_processor.image_processor, name, None))
+        theirs = _pixel_setting(getattr(teacher_processor.image_processor, name, None))
+        if ours != theirs:
+            raise ValueError(
+                f"the teacher's image processor has {name}={theirs}, the student's {ours}: the teacher is fed the "
+                "student's pixel values, so both must normalise images alike (the same vision tower)"
+            )
     if student.config.image_token_id != teacher_config.image_token_id:
         raise ValueError(
             f"the teacher's image token id is {teacher_config.image_token_id}, the student's "

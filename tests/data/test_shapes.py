@@ -134,3 +134,11 @@ def test_question_types_subset_and_dense_scenes(tmp_path):
     assert captions[0]["conversations"][0]["value"] == "<image>\nDescribe the image."
     with pytest.raises(ValueError, match="question_types"):
         SynthConfig(question_types=("colour", "smell"))
+
+
+def test_multi_turn_order_says_nothing_about_the_question_type(tmp_path):
+    config = SynthConfig(n_train=500, n_val=0, n_test=5, n_captions=0, questions_per_scene=5, multi_turn_train=True)
+    write_synthetic(tmp_path, config)
+    train = json.loads((tmp_path / "train.json").read_text())
+    first = Counter(" ".join(row["conversations"][0]["value"].split("\n")[1].split()[:2]) for row in train)
+    assert len(first) == 5 and min(first.values()) > len(train) / 10  # every type opens conversations

@@ -49,3 +49,16 @@ def test_local_folder_round_trip_with_safetensors(tmp_path):
             expected = model(**batch)
     assert torch.equal(state.kept[0], original_state.kept[0])
     torch.testing.assert_close(out.logits, expected.logits)
+
+
+def test_position_codes_tell_patches_apart_and_leave_cls_at_zero():
+    spec = TinyLlavaSpec(image_size=48, patch_size=6, vision_hidden_size=64, position_code_scale=0.3)
+    table = build_tiny_llava(spec).model.vision_tower.embeddings.position_embedding.weight.detach()
+    assert table.shape == (1 + spec.image_tokens, 64)
+    assert table[0].abs().max() == 0  # the CLS position
+    codes = table[1:]
+    distances = torch.cdist(codes, codes) + torch.eye(spec.image_tokens) * 1e3
+    assert distances.min() > 0.05  # every patch has its own code
+    assert abs(codes.pow(2).mean().sqrt() - 0.3 / 2**0.5) < 0.02  # amplitude 0.3: comparable to patch contents
+    random = build_tiny_llava(TinyLlavaSpec(image_size=48, patch_size=6, vision_hidden_size=64))
+    assert random.model.vision_tower.embeddings.position_embedding.weight.std() < 0.05

@@ -293,19 +293,21 @@ def _split(
     return rows
 
 
-def as_conversations(rows: list[dict]) -> list[dict]:
+def as_conversations(rows: list[dict], rng: np.random.Generator) -> list[dict]:
     """Merge the rows of each image into one multi-turn conversation (LLaVA's own data is multi-turn): the image
-    is encoded once for several supervised answers. Only the first turn carries `<image>`."""
-    merged: list[dict] = []
+    is encoded once for several supervised answers. The turns are shuffled, since question types are drawn in a
+    fixed rotation and a model must not learn a type from its turn number; only the first turn carries `<image>`."""
+    by_image: dict[str, list[dict]] = {}
     for row in rows:
-        if merged and merged[-1]["image"] == row["image"]:
-            question, answer = row["conversations"]
-            merged[-1]["conversations"] += [
-                {"from": "human", "value": question["value"].replace("<image>\n", "", 1)},
-                answer,
-            ]
-            continue
-        merged.append({"id": row["id"], "image": row["image"], "conversations": list(row["conversations"])})
+        by_image.setdefault(row["image"], []).append(row)
+    merged = []
+    for image, group in by_image.items():
+        turns = []
+        for index in rng.permutation(len(group)):
+            question, answer = group[int(index)]["conversations"]
+            turns += [{"from": "human", "value": question["value"].replace("<image>\n", "", 1)}, answer]
+        turns[0] = {"from": "human", "value": f"<image>\n{turns[0]['value']}"}
+        merged.append({"id": group[0]["id"], "image": image, "conversations": turns})
     return merged
 
 
@@ -341,7 +343,7 @@ def write_synthetic(out_dir: Path, config: SynthConfig) -> dict[str, Path]:
     for name, size in (("train", config.n_train), ("val", config.n_val), ("test", config.n_test)):
         rows = _split(name, size, config, rng, out_dir, popular)
         if name == "train" and config.multi_turn_train:
-            rows = as_conversations(rows)
+            rows = as_conversations(rows, rng)
         files[name] = out_dir / f"{name}.json"
         files[name].write_text(json.dumps(rows, indent=1))
     files["captions"] = out_dir / "captions.json"

@@ -39,11 +39,11 @@ class DemoConfig:
     min_shapes: int = 3
     max_shapes: int = 7
     question_types: tuple[str, ...] = QUESTION_TYPES
-    n_train: int = 40000  # questions, asked as one conversation per scene
-    n_captions: int = 12000  # the base also learns from captions: every shape, colour and place is supervised
+    n_train: int = 60000  # questions, asked as one conversation per scene
+    n_captions: int = 3000  # the base also learns from captions: every shape, colour and place is supervised
     n_test: int = 2000
     # the model: a one-layer CLIP tower (its patch embedding is the visual feature), a Llama decoder
-    hidden_size: int = 128
+    hidden_size: int = 64
     num_layers: int = 6
     num_heads: int = 4
     layer: int = 2  # K: compression before this decoder layer
@@ -51,9 +51,9 @@ class DemoConfig:
     # training
     batch_size: int = 32
     base_steps: int = 3000
-    base_lr: float = 2e-3
-    extra_steps: int = 600  # every comparison model continues from the base for this many steps
-    extra_lr: float = 5e-4
+    base_lr: float = 3e-3
+    extra_steps: int = 300  # every comparison model continues from the base for this many steps
+    extra_lr: float = 1e-3
     methods: tuple[str, ...] = ("dart", "fastv", "random")
     train_method: str = "dart"
     workers: int = 2  # processes, one thread each
@@ -85,6 +85,7 @@ class DemoConfig:
             vision_hidden_size=64,
             vision_layers=1,
             vision_heads=2,
+            position_code_scale=0.3,  # places are learnt early (see init_position_codes)
         )
 
     def synth(self) -> SynthConfig:
@@ -108,7 +109,7 @@ class DemoConfig:
         keys = ("seed", "image_size", "patch_size", "grid", "min_shapes", "max_shapes", "question_types", "n_train")
         keys += ("n_captions",)
         keys += ("hidden_size", "num_layers", "num_heads", "template", "batch_size", "base_steps", "base_lr")
-        return {key: getattr(self, key) for key in keys} | {"workers": self.workers}
+        return {key: getattr(self, key) for key in keys} | {"workers": self.workers, "spec": asdict(self.spec())}
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,7 +120,7 @@ QUICK = {
     "n_train": 1500,
     "n_captions": 500,
     "n_test": 200,
-    "hidden_size": 64,
+    "hidden_size": 32,
     "num_layers": 4,
     "batch_size": 16,
     "base_steps": 60,

@@ -46,6 +46,7 @@ class Job:
     name: str
     command: list[str]
     produces: Path
+    show_progress: bool = False  # let the job's own progress bar (stderr) through to the terminal
 
 
 def model_name(kind: str, seed_index: int) -> str:
@@ -66,7 +67,8 @@ def run_jobs(jobs: list[Job], workers: int, logs: Path, description: str) -> Non
     def run(job: Job) -> Job:
         log = logs / f"{job.name}.log"
         with open(log, "w") as out:
-            result = subprocess.run(job.command, stdout=out, stderr=subprocess.STDOUT, env=_environment())
+            errors = None if job.show_progress else subprocess.STDOUT
+            result = subprocess.run(job.command, stdout=out, stderr=errors, env=_environment())
         if result.returncode != 0 or not job.produces.exists():
             tail = "\n".join(log.read_text().splitlines()[-25:])
             raise RuntimeError(f"{description}: {job.name} failed (exit {result.returncode}); log {log}:\n{tail}")
@@ -96,7 +98,6 @@ def _train_options(config: DemoConfig, data: Path, output_dir: Path, seed: int, 
         "lr_scheduler_type": "cosine",
         "warmup_steps": 0.05,
         "weight_decay": 0.0,
-        "logging_steps": 25,
         "save_strategy": "no",
         "report_to": "none",
         "use_cpu": True,
@@ -104,6 +105,7 @@ def _train_options(config: DemoConfig, data: Path, output_dir: Path, seed: int, 
         "seed": seed,
         "compression_seed": seed,
     }
+    options.setdefault("logging_steps", max(1, min(25, int(options["max_steps"]) // 10)))  # a short run logs too
     arguments = []
     for key, value in (common | options).items():
         arguments += [f"--{key}", str(value)]
@@ -159,6 +161,7 @@ def train_base(config: DemoConfig, data: Path, out: Path) -> Path:
         learning_rate=config.base_lr,
         per_device_train_batch_size=config.batch_size // config.workers,
         ddp_backend="gloo",
+        disable_tqdm=False,
     )
     if config.workers > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.workers}"]
@@ -166,7 +169,7 @@ def train_base(config: DemoConfig, data: Path, out: Path) -> Path:
     else:
         command = _epic("train", *options)
     print(f"base model: {config.base_steps} steps at full tokens on {config.workers} process(es); log in {out}/logs")
-    run_jobs([Job("base", command, run_dir / "final")], 1, out / "logs", "base model")
+    run_jobs([Job("base", command, run_dir / "final", show_progress=True)], 1, out / "logs", "base model")
     shutil.move(run_dir / "final", base)
     (base / BASE_KEY_FILE).write_text(json.dumps(key, indent=1))
     return base

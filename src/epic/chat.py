@@ -26,7 +26,7 @@ import epic
 from epic.data.dataset import image_token_count
 from epic.data.encoding import encode_prompt
 from epic.data.images import prepare_image
-from epic.data.templates import IMAGE_PLACEHOLDER, Template, Turn
+from epic.data.templates import IMAGE_PLACEHOLDER, Template, Turn, reply_stop_ids
 from epic.eval.cost import measured_cache_bytes
 
 FULL = "none"  # the method name for no compression (every visual token kept)
@@ -282,16 +282,7 @@ class ChatSession:
     def _find_stop_ids(self) -> set[int]:
         """End-of-sequence ids, and the special token the template closes a reply with (`</s>`, `<|im_end|>`)."""
         eos = self.model.generation_config.eos_token_id
-        stop = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
-        try:
-            turns = [Turn("user", "q"), Turn("assistant", _SENTINEL)]
-            replied = _text(self.template.render(turns, self.tokenizer.eos_token or ""))
-        except ValueError:
-            replied = ""
-        closing = replied.partition(_SENTINEL)[2]
-        if closing:
-            first = self.tokenizer(closing, add_special_tokens=False)["input_ids"][:1]
-            stop |= set(first) & set(self.tokenizer.all_special_ids)
+        stop = set(eos if isinstance(eos, list) else [eos]) | reply_stop_ids(self.template, self.tokenizer)
         return {token for token in stop if token is not None}
 
     def _first_prompt(self, question: str) -> list[int]:

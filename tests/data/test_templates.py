@@ -142,3 +142,14 @@ def test_sentencepiece_style_tokens_match_whole_text_tokenization():
 def test_vicuna_multi_turn_text_matches_llava():
     text = "".join(part for part, _ in get_template("vicuna_v1").render(CONVERSATION, "</s>"))
     assert "ASSISTANT: red</s>USER: How many circles are there? ASSISTANT: 2</s>" in text
+
+
+def test_reply_stop_ids_end_where_the_template_closes_a_reply():
+    from epic.data.shapes import SynthConfig, vocabulary_texts
+    from epic.data.templates import reply_stop_ids
+    from epic.models.factory import word_tokenizer
+
+    tokenizer = word_tokenizer(vocabulary_texts(SynthConfig()))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert reply_stop_ids(get_template("chatml"), tokenizer) == {tokenizer.eos_token_id, im_end}
+    assert reply_stop_ids(get_template("vicuna_v1"), tokenizer) == {tokenizer.eos_token_id}

@@ -147,3 +147,19 @@ def test_a_model_folder_that_is_not_llava_is_refused(tmp_path):
     ).save_pretrained(tmp_path / "llama")
     with pytest.raises(SystemExit, match="not a LLaVA model"):
         main(["eval", str(tmp_path / "llama"), "--data", str(tmp_path / "x.json")])
+
+
+def test_answers_stop_where_the_template_ends_a_reply(setup, tmp_path, monkeypatch):
+    """A ChatML model ends its reply with <|im_end|>, not </s>: generation must stop there, or the answer runs on."""
+    _, model, processor, items = setup
+    seen = {}
+    generate = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    generate_answers(model, processor, get_template("chatml"), items[:2], tmp_path / "p.jsonl", max_new_tokens=2)
+    tokenizer = processor.tokenizer
+    assert set(seen["eos_token_id"]) == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}

@@ -178,3 +178,21 @@ def get_template(name: str, tokenizer: object | None = None) -> Template:
     if name not in BUILTIN_TEMPLATES:
         raise ValueError(f"unknown template {name!r}; choose one of {[*sorted(BUILTIN_TEMPLATES), 'tokenizer']}")
     return BUILTIN_TEMPLATES[name]
+
+
+_REPLY = "\x00epic-reply\x00"  # stands for a reply when finding what a template writes after one
+
+
+def reply_stop_ids(template: Template, tokenizer) -> set[int]:
+    """Ids that end a generated reply: the tokenizer's end of sequence and the special token the template closes a
+    reply with (`<|im_end|>` for ChatML), so generation stops where the template's reply ends."""
+    stop = {tokenizer.eos_token_id}
+    try:
+        segments = template.render([Turn("user", "q"), Turn("assistant", _REPLY)], tokenizer.eos_token or "")
+    except ValueError:  # a template without replies of its own shape
+        segments = []
+    closing = "".join(text for text, _ in segments).partition(_REPLY)[2]
+    if closing:
+        first = tokenizer(closing, add_special_tokens=False)["input_ids"][:1]
+        stop |= set(first) & set(tokenizer.all_special_ids)
+    return {token for token in stop if token is not None}

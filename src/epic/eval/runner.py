@@ -24,7 +24,7 @@ from epic.data.dataset import image_token_count
 from epic.data.encoding import encode_prompt
 from epic.data.images import load_image, prepare_image
 from epic.data.records import load_records
-from epic.data.templates import Template, Turn
+from epic.data.templates import Template, Turn, reply_stop_ids
 
 
 @dataclass
@@ -150,7 +150,7 @@ def generate_answers(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=sorted(reply_stop_ids(template, tokenizer)),
             )
             for item, tokens in zip(batch, generated[:, input_ids.shape[1] :], strict=True):
                 text = tokenizer.decode(tokens, skip_special_tokens=True).strip()

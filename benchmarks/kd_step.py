@@ -31,7 +31,7 @@ import torch
 
 import epic
 from epic.distill import StepPlan, distilled_positions
-from epic.eval.bench import resident_growth_during
+from epic.eval.bench import memory_growth_during
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from epic.train.kd import KDWeights, LlavaKDLoss
 
@@ -147,15 +147,8 @@ def peak_memory(name: str, args: argparse.Namespace) -> float:
     def measured_step() -> None:
         step()
         optimizer.step()
-        _sync(args.device)
 
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        measured_step()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    return resident_growth_during(measured_step) / 2**20
+    return memory_growth_during(measured_step, torch.device(args.device)) / 2**20
 
 
 def main() -> None:

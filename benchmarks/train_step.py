@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import epic
 from epic.distill import StepPlan
-from epic.eval.bench import resident_growth_during
+from epic.eval.bench import memory_growth_during
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from epic.train.step import ConsistencyLoss
 
@@ -169,7 +169,7 @@ def peak_memory(name: str, args) -> float:
         step()
         optimizer.step()
 
-    return resident_growth_during(measured_step) / 2**20
+    return memory_growth_during(measured_step, torch.device("cpu")) / 2**20
 
 
 def main() -> None:

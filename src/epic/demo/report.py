@@ -91,9 +91,10 @@ def generalisation(config: DemoConfig, out: Path) -> str:
     full = config.image_tokens
     names = ("base", "direct", "tcd", "lcd")
     lines = ["| method | tokens | " + " | ".join(LABELS[n] for n in names) + " |", "| --- | ---: |" + " ---: |" * 4]
+    grids = [_grid(out, name) for name in names]
     for method in config.methods:
         for tokens in config.budgets[1:]:
-            values = [_accuracy(_grid(out, name), method, tokens, full) for name in names]
+            values = [_accuracy(grid, method, tokens, full) for grid in grids]
             lines.append(f"| {method} | {tokens} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
     return "\n".join(lines)
 
@@ -106,19 +107,22 @@ def plot_accuracy(config: DemoConfig, out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     full = config.image_tokens
-    figure, axes = plt.subplots(1, len(config.methods), figsize=(4.2 * len(config.methods), 3.8), sharey=True)
-    for axis, method in zip(axes if len(config.methods) > 1 else [axes], config.methods, strict=True):
-        for name in ("base", *COMPARISONS):
-            grid = _grid(out, name)
+    names = ("base", *COMPARISONS)
+    grids = [_grid(out, name) for name in names]
+    figure, axes = plt.subplots(
+        1, len(config.methods), figsize=(4.2 * len(config.methods), 3.8), sharey=True, squeeze=False
+    )
+    axes = axes[0]
+    for axis, method in zip(axes, config.methods, strict=True):
+        for name, grid in zip(names, grids, strict=True):
             points = [(tokens, _accuracy(grid, method, tokens, full)) for tokens in sorted(config.budgets)]
             axis.plot(*zip(*points, strict=True), marker="o", label=LABELS[name])
         axis.set_xscale("log", base=2)
         axis.set_title(f"evaluated with {method}")
         axis.set_xlabel("visual tokens kept per image")
         axis.grid(alpha=0.3)
-    axes_list = axes if len(config.methods) > 1 else [axes]
-    axes_list[0].set_ylabel("overall accuracy (%)")
-    axes_list[-1].legend(fontsize=8)
+    axes[0].set_ylabel("overall accuracy (%)")
+    axes[-1].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -110,6 +110,19 @@ def resident_growth_during(work) -> int | None:
     return max(peak[0], _resident_bytes()) - before
 
 
+def memory_growth_during(work, device: torch.device) -> int | None:
+    """Bytes allocated above the level before `work()` at its peak: CUDA's peak allocation on a GPU, the sampled
+    resident-set growth on a CPU (approximate)."""
+    if device.type != "cuda":
+        return resident_growth_during(work)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    work()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
 def _measure(model, inputs, new_tokens: int, repeats: int) -> tuple[float, float, int, int | None]:
     device = inputs["input_ids"].device
     if device.type == "cuda":

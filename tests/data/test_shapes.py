@@ -42,7 +42,7 @@ def test_question_types_and_answers(shapes):
     rows = shapes[0]["train"]
     assert set(Counter(row["type"] for row in rows)) == set(QUESTION_TYPES)
     answers = {kind: {row["answer"] for row in rows if row["type"] == kind} for kind in QUESTION_TYPES}
-    assert answers["colour"] == set(COLOURS)
+    assert answers["colour"] == set(COLOURS) and answers["shape"] == set(KINDS)
     assert answers["exists"] == answers["relation"] == {"yes", "no"}
     assert answers["choice"] == set(LETTERS)
     assert answers["count"] <= {str(n) for n in range(10)}
@@ -137,8 +137,15 @@ def test_question_types_subset_and_dense_scenes(tmp_path):
 
 
 def test_multi_turn_order_says_nothing_about_the_question_type(tmp_path):
-    config = SynthConfig(n_train=500, n_val=0, n_test=5, n_captions=0, questions_per_scene=5, multi_turn_train=True)
+    config = SynthConfig(n_train=600, n_val=0, n_test=5, n_captions=0, questions_per_scene=6, multi_turn_train=True)
     write_synthetic(tmp_path, config)
     train = json.loads((tmp_path / "train.json").read_text())
-    first = Counter(" ".join(row["conversations"][0]["value"].split("\n")[1].split()[:2]) for row in train)
-    assert len(first) == 5 and min(first.values()) > len(train) / 10  # every type opens conversations
+
+    def question_type(text: str) -> str:
+        for marker, kind in (("color", "colour"), ("letter", "choice"), ("What shape", "shape"), ("How many", "count")):
+            if marker in text:
+                return kind
+        return "exists" if text.startswith("Is there") else "relation"
+
+    first = Counter(question_type(row["conversations"][0]["value"].removeprefix("<image>\n")) for row in train)
+    assert len(first) == 6 and min(first.values()) > len(train) / 12  # every type opens conversations

@@ -17,13 +17,13 @@ def small_config(**overrides):
 
 
 def test_prepare_data_writes_the_mix_and_the_blank_control(tmp_path):
-    config = small_config()
+    config = small_config(multi_turn=True, question_types=("colour", "shape"))
     data = prepare_data(config, tmp_path)
     mix = json.loads((data / "base_train.json").read_text())
     captions = [row for row in mix if row["id"].startswith("caption-")]
     assert len(captions) == 6 and len(mix) > 6
     questions = [row for row in mix if not row["id"].startswith("caption-")]
-    assert all(len(row["conversations"]) > 2 for row in questions[:-1])  # one conversation per scene
+    assert all(len(row["conversations"]) == 4 for row in questions[:-1])  # one conversation per scene
     blank = json.loads((data / "blank.json").read_text())
     test = json.loads((data / "test.json").read_text())
     assert [row["id"] for row in blank] == [row["id"] for row in test]
@@ -31,7 +31,7 @@ def test_prepare_data_writes_the_mix_and_the_blank_control(tmp_path):
     stamp = (data / "test.json").stat().st_mtime_ns
     prepare_data(config, tmp_path)  # same settings: nothing is drawn again
     assert (data / "test.json").stat().st_mtime_ns == stamp
-    prepare_data(small_config(n_test=12), tmp_path)  # other settings: drawn again
+    prepare_data(small_config(multi_turn=True, question_types=("colour", "shape"), n_test=12), tmp_path)  # drawn again
     assert len(json.loads((data / "test.json").read_text())) == 12
 
 

@@ -4,6 +4,7 @@ Every scene puts a few shapes (one per cell of a `grid x grid` layout, jittered)
 Questions are short with exact one-word answers, and their evidence is spread over the image:
 
 - `colour`: the colour of the shape at a named position;
+- `shape`: the kind of the shape at a named position (one word: circle, square, triangle, diamond);
 - `count`: how many shapes of a colour, or of a kind (answers 0-3, balanced within each form);
 - `exists`: POPE-style yes/no, balanced, with negatives drawn `random`ly, from the `popular` objects (a fixed third
   of all colour-kind pairs; that split's positives come from them too, so a name alone says nothing), or
@@ -34,7 +35,7 @@ COLOURS = {
     "orange": (245, 130, 20),
 }
 KINDS = ("circle", "square", "triangle", "diamond")
-QUESTION_TYPES = ("colour", "count", "exists", "relation", "choice")
+QUESTION_TYPES = ("colour", "shape", "count", "exists", "relation", "choice")
 POPE_SPLITS = ("random", "popular", "adversarial")
 LETTERS = "ABCD"
 MAX_COUNT_ANSWER = 3
@@ -162,6 +163,10 @@ def ask(
         shape = shapes[int(rng.integers(len(shapes)))]
         where = position_name(shape.row, shape.column, grid)
         return f"What color is the shape at the {where}? Answer with one word.", shape.colour, {}
+    if kind == "shape":
+        shape = shapes[int(rng.integers(len(shapes)))]
+        where = position_name(shape.row, shape.column, grid)
+        return f"What shape is at the {where}? Answer with one word.", shape.kind, {}
     if kind == "count":
         # the form (colour or kind) is a coin; the answer is the least-asked count of that form so far among those
         # this scene offers, so both forms end with the same answer distribution and the words say nothing
@@ -362,6 +367,7 @@ def vocabulary_texts(config: SynthConfig) -> list[str]:
         "How many shapes are there? Answer with a number.",
         "Is there a in the image? Answer yes or no.",
         "Is the to the left of right of above below the ? Answer yes or no.",
+        "What shape is at the ? Answer with one word.",
         "What shape is at the ? Answer with the option's letter from the given choices directly.",
         "There is a an at the , and .",
         CAPTION_REQUEST,

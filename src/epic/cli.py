@@ -11,10 +11,10 @@ from epic.models.tiny import PRESETS
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from epic.demo import demo_config, run_demo
+    from epic.demo import demo_config, run_demo, run_kd_demo
 
     config = demo_config(quick=args.quick, seed=args.seed, workers=args.workers)
-    run_demo(config, Path(args.out))
+    (run_kd_demo if args.kd else run_demo)(config, Path(args.out))
     return 0
 
 
@@ -296,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="the same pipeline, small everywhere (a few minutes)")
     demo.add_argument("--seed", type=int, default=0, help="data, base model and first fine-tuning seed")
     demo.add_argument("--workers", type=int, default=2, help="processes, one thread each (default: two cores)")
+    demo.add_argument(
+        "--kd",
+        action="store_true",
+        help="LLaVA-KD's ablation instead: a small student with and without distillation from the base model "
+        "(PT-SFT against DPT-SFT-DFT), reported in OUT/kd/kd-report.md",
+    )
     demo.set_defaults(run=_demo)
 
     data = commands.add_parser("data", help="check LLaVA-format data; draw the built-in synthetic set")

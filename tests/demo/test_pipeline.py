@@ -141,3 +141,9 @@ def test_quick_demo_end_to_end(tmp_path):
     second = subprocess.run(command, capture_output=True, text=True)
     assert second.returncode == 0 and "reusing" in second.stdout
     assert Path(out / "report.md").is_file()
+    kd_run = subprocess.run([*command, "--kd"], capture_output=True, text=True)  # the base model is the teacher
+    assert kd_run.returncode == 0 and "reusing" in kd_run.stdout, kd_run.stderr[-3000:]
+    kd_report = (out / "kd" / "kd-report.md").read_text()
+    assert "PT-SFT (no KD)" in kd_report and "DPT-SFT-DFT" in kd_report and "rel_loss" in kd_report
+    dft = json.loads((out / "kd" / "runs" / "dpt-sft-dft-dft" / "final" / "log_history.json").read_text())
+    assert any("res_loss" in entry for entry in dft)

@@ -56,6 +56,9 @@ class DemoConfig:
     batch_size: int = 32
     base_steps: int = 4000
     base_lr: float = 3e-3
+    base_schedule: str = "constant_with_warmup"  # the place-keyed answers form late: the rate must not decay first
+    warmup_ratio: float = 0.03
+    adam_beta2: float = 0.98  # a short memory for a small model's fast-changing gradients
     extra_steps: int = 300  # every comparison model continues from the base for this many steps
     extra_lr: float = 1e-3
     methods: tuple[str, ...] = ("dart", "fastv", "random")
@@ -63,6 +66,15 @@ class DemoConfig:
     workers: int = 2  # processes, one thread each
     eval_batch_size: int = 64
     pictures: int = 3
+    # `epic demo --kd` (LLaVA-KD's ablation): a student narrower and shallower than the base model, its teacher
+    kd_student_hidden: int = 32
+    kd_student_layers: int = 4
+    kd_pt_steps: int = 200  # PT / DPT: the projector alone
+    kd_sft_steps: int = 2000  # SFT: projector and LLM
+    kd_dft_steps: int = 1000  # DFT: projector and LLM with the teacher (PT-SFT: as many more SFT steps)
+    kd_pt_lr: float = 1e-3
+    kd_lr: float = 3e-3  # the student's LLM starts from random weights, like the base model's
+    kd_weights: str = "released"
 
     @property
     def image_tokens(self) -> int:
@@ -92,6 +104,24 @@ class DemoConfig:
             position_code_scale=0.3,  # places are learnt early (see init_position_codes)
         )
 
+    def kd_student_spec(self) -> TinyLlavaSpec:
+        """The `--kd` student: the base model's vision tower and image size, a smaller Llama."""
+        return replace(
+            self.spec(),
+            hidden_size=self.kd_student_hidden,
+            intermediate_size=2 * self.kd_student_hidden,
+            num_layers=self.kd_student_layers,
+        )
+
+    def kd_key(self) -> dict[str, Any]:
+        """Everything the `--kd` students depend on besides the base model."""
+        return {key: value for key, value in self.as_dict().items() if key.startswith("kd_")} | {
+            "seed": self.seed,
+            "template": self.template,
+            "batch_size": self.batch_size,
+            "spec": asdict(self.kd_student_spec()),
+        }
+
     def synth(self) -> SynthConfig:
         return SynthConfig(
             n_train=self.n_train,
@@ -113,6 +143,7 @@ class DemoConfig:
         keys = ("seed", "image_size", "patch_size", "grid", "min_shapes", "max_shapes", "question_types", "n_train")
         keys += ("multi_turn", "n_captions")
         keys += ("hidden_size", "num_layers", "num_heads", "template", "batch_size", "base_steps", "base_lr")
+        keys += ("base_schedule", "warmup_ratio", "adam_beta2")
         return {key: getattr(self, key) for key in keys} | {"workers": self.workers, "spec": asdict(self.spec())}
 
     def as_dict(self) -> dict[str, Any]:
@@ -129,6 +160,10 @@ QUICK = {
     "base_steps": 60,
     "extra_steps": 20,
     "pictures": 1,
+    "kd_student_hidden": 16,
+    "kd_pt_steps": 5,
+    "kd_sft_steps": 10,
+    "kd_dft_steps": 10,
 }
 
 

@@ -82,11 +82,11 @@ def run_jobs(jobs: list[Job], workers: int, logs: Path, description: str) -> Non
     bar.close()
 
 
-def _epic(*arguments: str) -> list[str]:
+def epic_command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "epic.cli", *arguments]
 
 
-def _train_options(config: DemoConfig, data: Path, output_dir: Path, seed: int, **options: object) -> list[str]:
+def train_options(config: DemoConfig, data: Path, output_dir: Path, seed: int, **options: object) -> list[str]:
     common: dict[str, object] = {
         "train_file": data / "train.json",  # the questions, one conversation per scene
         "image_folder": data / "images",
@@ -96,7 +96,8 @@ def _train_options(config: DemoConfig, data: Path, output_dir: Path, seed: int, 
         "output_dir": output_dir,
         "per_device_train_batch_size": config.batch_size,
         "lr_scheduler_type": "cosine",
-        "warmup_steps": 0.05,
+        "warmup_steps": config.warmup_ratio,
+        "adam_beta2": config.adam_beta2,
         "weight_decay": 0.0,
         "save_strategy": "no",
         "report_to": "none",
@@ -138,7 +139,7 @@ def prepare_data(config: DemoConfig, out: Path) -> Path:
 def train_base(config: DemoConfig, data: Path, out: Path) -> Path:
     """The base model ("LLaVA-1.5" row): SFT at full tokens from random weights, tower and all. Cached."""
     base = out / "models" / "base"
-    key = _as_json(config.base_key())
+    key = as_json(config.base_key())
     if (base / BASE_KEY_FILE).is_file() and json.loads((base / BASE_KEY_FILE).read_text()) == key:
         print(f"base model: reusing {base} (its settings match)")
         return base
@@ -148,7 +149,7 @@ def train_base(config: DemoConfig, data: Path, out: Path) -> Path:
     model, processor = build_tiny_llava_with_processor(vocabulary_texts(config.synth()), config.spec(), config.seed)
     save_llava(model, processor, init, config.template)
     run_dir = out / "runs" / "base"
-    options = _train_options(
+    options = train_options(
         config,
         data,
         run_dir,
@@ -159,6 +160,7 @@ def train_base(config: DemoConfig, data: Path, out: Path) -> Path:
         freeze_vision_tower=False,
         max_steps=config.base_steps,
         learning_rate=config.base_lr,
+        lr_scheduler_type=config.base_schedule,
         per_device_train_batch_size=config.batch_size // config.workers,
         ddp_backend="gloo",
         disable_tqdm=False,
@@ -167,7 +169,7 @@ def train_base(config: DemoConfig, data: Path, out: Path) -> Path:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.workers}"]
         command = [*launcher, "-m", "epic.cli", "train", *options]
     else:
-        command = _epic("train", *options)
+        command = epic_command("train", *options)
     print(f"base model: {config.base_steps} steps at full tokens on {config.workers} process(es); log in {out}/logs")
     run_jobs([Job("base", command, run_dir / "final", show_progress=True)], 1, out / "logs", "base model")
     shutil.move(run_dir / "final", base)
@@ -186,7 +188,7 @@ def comparison_jobs(config: DemoConfig, data: Path, out: Path, base: Path) -> li
             if kind != "sft":
                 options |= {"tokens": config.target_tokens, "method": config.train_method, "layer": config.layer}
             run_dir = out / "runs" / name
-            arguments = _train_options(
+            arguments = train_options(
                 config,
                 data,
                 run_dir,
@@ -196,7 +198,7 @@ def comparison_jobs(config: DemoConfig, data: Path, out: Path, base: Path) -> li
                 learning_rate=config.extra_lr,
                 **options,
             )
-            jobs.append(Job(name, _epic("train", *arguments), run_dir / "final"))
+            jobs.append(Job(name, epic_command("train", *arguments), run_dir / "final"))
     return jobs
 
 
@@ -212,11 +214,11 @@ def eval_jobs(config: DemoConfig, data: Path, out: Path, models: dict[str, Path]
         arguments += ["--methods", ",".join(methods), "--tokens", ",".join(str(b) for b in budgets)]
         arguments += ["--layer", str(config.layer), "--batch-size", str(config.eval_batch_size)]
         arguments += ["--max-new-tokens", "3", "--out", str(result)]
-        jobs.append(Job(f"eval-{name}", _epic("eval", str(folder), *arguments), result / "grid.json"))
+        jobs.append(Job(f"eval-{name}", epic_command("eval", str(folder), *arguments), result / "grid.json"))
     control = out / "eval" / "base-blank"
     arguments = ["--task", "shapes", "--data", str(data / "blank.json"), "--images", str(data / "images")]
     arguments += ["--batch-size", str(config.eval_batch_size), "--max-new-tokens", "3", "--out", str(control)]
-    jobs.append(Job("eval-base-blank", _epic("eval", str(models["base"]), *arguments), control / "metrics.json"))
+    jobs.append(Job("eval-base-blank", epic_command("eval", str(models["base"]), *arguments), control / "metrics.json"))
     return jobs
 
 
@@ -241,7 +243,7 @@ def run_demo(config: DemoConfig, out: Path) -> Path:
     return write_report(config, out, data, models)
 
 
-def _as_json(value: dict) -> dict:
+def as_json(value: dict) -> dict:
     """`value` as it reads back from JSON (tuples become lists), so settings compare equal to their record."""
     return json.loads(json.dumps(value))
 
@@ -249,7 +251,7 @@ def _as_json(value: dict) -> dict:
 def _forget_stale_comparisons(config: DemoConfig, out: Path, base: Path) -> None:
     """Comparison models and evaluations of another configuration or another base model are deleted, never
     reported: they are kept only while `config.json` (and the base model's settings) match this run."""
-    settings = _as_json(config.as_dict()) | {"base": json.loads((base / BASE_KEY_FILE).read_text())}
+    settings = as_json(config.as_dict()) | {"base": json.loads((base / BASE_KEY_FILE).read_text())}
     for volatile in ("workers", "eval_batch_size", "pictures"):
         settings.pop(volatile)
     record = out / "config.json"

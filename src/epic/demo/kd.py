@@ -1,0 +1,149 @@
+"""`epic demo --kd`: LLaVA-KD's ablation in miniature (PT-SFT against DPT-SFT-DFT) on the built-in data.
+
+The teacher is the demo's base model (trained at full tokens, cached); the student is a narrower, shallower LLaVA
+that shares the teacher's tokenizer and, as in LLaVA-KD, its vision tower (copied, then frozen). Both arms train
+the same student from the same initialisation for the same number of steps on the same questions:
+
+- `pt-sft` (without KD): PT (the projector alone, cross-entropy), then SFT (projector and LLM), in two runs whose
+  steps and rates match the other arm's SFT and DFT;
+- `dpt-sft-dft` (LLaVA-KD): DPT (the projector, CE + MDist + RDist against the teacher), SFT, then DFT
+  (projector and LLM, CE + MDist + RDist).
+
+Everything lives in `OUT/kd/` and `kd-report.md` is written there; results of other settings are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from epic.data.shapes import vocabulary_texts
+from epic.demo.config import DemoConfig
+from epic.demo.pipeline import (
+    BASE_KEY_FILE,
+    Job,
+    as_json,
+    epic_command,
+    prepare_data,
+    read_log,
+    run_jobs,
+    train_base,
+    train_options,
+)
+from epic.models.factory import build_tiny_llava_with_processor, save_llava
+
+ARMS = ("pt-sft", "dpt-sft-dft")
+LABELS = {
+    "teacher": "teacher (the demo's base)",
+    "pt-sft": "student, PT-SFT (no KD)",
+    "dpt-sft-dft": "student, DPT-SFT-DFT (LLaVA-KD)",
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One `epic train` run of an arm: its name, mode, steps, rate schedule and what it trains against."""
+
+    arm: str
+    name: str
+    mode: str
+    steps: int
+    learning_rate: float
+    schedule: str = "cosine"
+    freeze_language_model: bool = False
+    teacher: bool = False
+
+
+def stages(config: DemoConfig) -> list[list[Stage]]:
+    """The runs in rounds, one run per arm each: the arms share steps, rates and schedules, and differ only in the
+    teacher's losses (PT-SFT's last stage is SFT continued, LLaVA-KD's is DFT)."""
+    pt, sft, last = config.kd_pt_steps, config.kd_sft_steps, config.kd_dft_steps
+    sft_schedule = config.base_schedule  # the student's LLM learns the task here from random weights, as the base did
+    return [
+        [
+            Stage("pt-sft", "pt", "sft", pt, config.kd_pt_lr, freeze_language_model=True),
+            Stage("dpt-sft-dft", "dpt", "kd-pretrain", pt, config.kd_pt_lr, teacher=True),
+        ],
+        [
+            Stage("pt-sft", "sft", "sft", sft, config.kd_lr, sft_schedule),
+            Stage("dpt-sft-dft", "sft", "sft", sft, config.kd_lr, sft_schedule),
+        ],
+        [
+            Stage("pt-sft", "sft-end", "sft", last, config.kd_lr),
+            Stage("dpt-sft-dft", "dft", "kd-finetune", last, config.kd_lr, teacher=True),
+        ],
+    ]
+
+
+def student_init(config: DemoConfig, teacher: Path, folder: Path) -> Path:
+    """The student at initialisation: `config.kd_student_spec()` with the teacher's tokenizer and vision tower."""
+    from transformers import LlavaForConditionalGeneration
+
+    if (folder / "config.json").is_file():
+        return folder
+    model, processor = build_tiny_llava_with_processor(
+        vocabulary_texts(config.synth()), config.kd_student_spec(), config.seed
+    )
+    tower = LlavaForConditionalGeneration.from_pretrained(teacher).model.vision_tower
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    save_llava(model, processor, folder, config.template)
+    return folder
+
+
+def _forget_stale(config: DemoConfig, kd: Path, base_key: dict) -> None:
+    settings = {"kd": as_json(config.kd_key()), "base": base_key}
+    record = kd / "config.json"
+    if record.is_file() and json.loads(record.read_text()) == settings:
+        return
+    if kd.exists():
+        shutil.rmtree(kd)
+    kd.mkdir(parents=True)
+    record.write_text(json.dumps(settings, indent=1))
+
+
+def run_kd_demo(config: DemoConfig, out: Path) -> Path:
+    """The data and the base model (the teacher) as `epic demo` makes them (cached alike), then both arms from one
+    student initialisation, their evaluation and the teacher's; returns the path of `kd/kd-report.md`."""
+    from epic.demo.report import write_kd_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(config, out)
+    teacher = train_base(config, data, out)
+    kd = out / "kd"
+    _forget_stale(config, kd, json.loads((teacher / BASE_KEY_FILE).read_text()))
+    start = student_init(config, teacher, kd / "models" / "init")
+    latest = {arm: start for arm in ARMS}
+    for index, round_ in enumerate(stages(config)):
+        jobs = []
+        for stage in round_:
+            run_dir = kd / "runs" / f"{stage.arm}-{stage.name}"
+            options: dict[str, object] = {
+                "model": latest[stage.arm],
+                "mode": stage.mode,
+                "max_steps": stage.steps,
+                "learning_rate": stage.learning_rate,
+                "lr_scheduler_type": stage.schedule,
+                "freeze_language_model": stage.freeze_language_model,
+            }
+            if stage.teacher:
+                options |= {"teacher": teacher, "kd_weights": config.kd_weights}
+            arguments = train_options(config, data, run_dir, config.seed, **options)
+            jobs.append(Job(f"kd-{stage.arm}-{stage.name}", epic_command("train", *arguments), run_dir / "final"))
+            latest[stage.arm] = run_dir / "final"
+        run_jobs(jobs, config.workers, kd / "logs", f"LLaVA-KD round {index + 1} of {len(stages(config))}")
+    models = {"teacher": teacher} | {arm: latest[arm] for arm in ARMS}
+    evals = []
+    for name, folder in models.items():
+        result = kd / "eval" / name
+        arguments = ["--task", "shapes", "--data", str(data / "test.json"), "--images", str(data / "images")]
+        arguments += ["--methods", config.train_method, "--tokens", ",".join(str(b) for b in config.budgets)]
+        arguments += ["--layer", str(config.layer), "--batch-size", str(config.eval_batch_size)]
+        arguments += ["--max-new-tokens", "3", "--out", str(result)]
+        evals.append(Job(f"kd-eval-{name}", epic_command("eval", str(folder), *arguments), result / "grid.json"))
+    run_jobs(evals, config.workers, kd / "logs", "LLaVA-KD evaluation")
+    runs = [f"{stage.arm}-{stage.name}" for round_ in stages(config) for stage in round_]
+    logs = {run: read_log(kd / "runs" / run / "final") for run in runs}
+    return write_kd_report(config, kd, logs)

@@ -147,3 +147,23 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "PT-SFT (no KD)" in kd_report and "DPT-SFT-DFT" in kd_report and "rel_loss" in kd_report
     dft = json.loads((out / "kd" / "runs" / "dpt-sft-dft-dft" / "final" / "log_history.json").read_text())
     assert any("res_loss" in entry for entry in dft)
+
+
+def test_evaluation_grid_per_model_headline_only_for_later_seeds_and_a_blank_control(tmp_path):
+    from epic.demo.pipeline import eval_jobs
+
+    config = small_config(fine_tune_seeds=2)
+    models = {"base": tmp_path / "base", "tcd": tmp_path / "tcd", "tcd-seed2": tmp_path / "tcd2"}
+    jobs = {job.name: job for job in eval_jobs(config, tmp_path / "data", tmp_path, models)}
+    assert list(jobs) == ["eval-base", "eval-tcd", "eval-tcd-seed2", "eval-base-blank"]
+
+    def option(job, flag):
+        return job.command[job.command.index(flag) + 1] if flag in job.command else None
+
+    assert option(jobs["eval-tcd"], "--methods") == "dart,fastv,random"
+    assert option(jobs["eval-tcd"], "--tokens") == ",".join(str(b) for b in config.budgets)
+    assert option(jobs["eval-tcd-seed2"], "--tokens") == f"{config.image_tokens},{config.target_tokens}"
+    blank = jobs["eval-base-blank"]
+    assert option(blank, "--data").endswith("blank.json") and option(blank, "--methods") is None
+    assert blank.produces.name == "metrics.json" and jobs["eval-base"].produces.name == "grid.json"
+    assert option(blank, "--images") == str(tmp_path / "data" / "images")

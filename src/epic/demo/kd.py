@@ -26,6 +26,7 @@ from epic.demo.pipeline import (
     Job,
     as_json,
     epic_command,
+    eval_job,
     prepare_data,
     read_log,
     run_jobs,
@@ -135,14 +136,11 @@ def run_kd_demo(config: DemoConfig, out: Path) -> Path:
             latest[stage.arm] = run_dir / "final"
         run_jobs(jobs, config.workers, kd / "logs", f"LLaVA-KD round {index + 1} of {len(stages(config))}")
     models = {"teacher": teacher} | {arm: latest[arm] for arm in ARMS}
-    evals = []
-    for name, folder in models.items():
-        result = kd / "eval" / name
-        arguments = ["--task", "shapes", "--data", str(data / "test.json"), "--images", str(data / "images")]
-        arguments += ["--methods", config.train_method, "--tokens", ",".join(str(b) for b in config.budgets)]
-        arguments += ["--layer", str(config.layer), "--batch-size", str(config.eval_batch_size)]
-        arguments += ["--max-new-tokens", "3", "--out", str(result)]
-        evals.append(Job(f"kd-eval-{name}", epic_command("eval", str(folder), *arguments), result / "grid.json"))
+    methods, test_file = [config.train_method], data / "test.json"
+    evals = [
+        eval_job(config, f"kd-eval-{name}", folder, test_file, kd / "eval" / name, methods, config.budgets)
+        for name, folder in models.items()
+    ]
     run_jobs(evals, config.workers, kd / "logs", "LLaVA-KD evaluation")
     runs = [f"{stage.arm}-{stage.name}" for round_ in stages(config) for stage in round_]
     logs = {run: read_log(kd / "runs" / run / "final") for run in runs}

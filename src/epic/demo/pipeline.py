@@ -202,6 +202,19 @@ def comparison_jobs(config: DemoConfig, data: Path, out: Path, base: Path) -> li
     return jobs
 
 
+def eval_job(
+    config: DemoConfig, name: str, model: Path, test_file: Path, result: Path, methods: list[str], budgets: list[int]
+) -> Job:
+    """`epic eval` of `model` on the shapes questions of `test_file` with `methods` at `budgets`, into `result`."""
+    arguments = ["--task", "shapes", "--data", str(test_file), "--images", str(test_file.parent / "images")]
+    if methods:
+        arguments += ["--methods", ",".join(methods), "--tokens", ",".join(str(b) for b in budgets)]
+        arguments += ["--layer", str(config.layer)]
+    arguments += ["--batch-size", str(config.eval_batch_size), "--max-new-tokens", "3", "--out", str(result)]
+    produces = result / ("grid.json" if methods else "metrics.json")
+    return Job(name, epic_command("eval", str(model), *arguments), produces)
+
+
 def eval_jobs(config: DemoConfig, data: Path, out: Path, models: dict[str, Path]) -> list[Job]:
     """The full grid for the first seed's models and the base; the headline budget only for other seeds."""
     jobs = []
@@ -209,16 +222,9 @@ def eval_jobs(config: DemoConfig, data: Path, out: Path, models: dict[str, Path]
         headline_only = "-seed" in name
         budgets = [config.image_tokens, config.target_tokens] if headline_only else config.budgets
         methods = [config.train_method] if headline_only else list(config.methods)
-        result = out / "eval" / name
-        arguments = ["--task", "shapes", "--data", str(data / "test.json"), "--images", str(data / "images")]
-        arguments += ["--methods", ",".join(methods), "--tokens", ",".join(str(b) for b in budgets)]
-        arguments += ["--layer", str(config.layer), "--batch-size", str(config.eval_batch_size)]
-        arguments += ["--max-new-tokens", "3", "--out", str(result)]
-        jobs.append(Job(f"eval-{name}", epic_command("eval", str(folder), *arguments), result / "grid.json"))
-    control = out / "eval" / "base-blank"
-    arguments = ["--task", "shapes", "--data", str(data / "blank.json"), "--images", str(data / "images")]
-    arguments += ["--batch-size", str(config.eval_batch_size), "--max-new-tokens", "3", "--out", str(control)]
-    jobs.append(Job("eval-base-blank", epic_command("eval", str(models["base"]), *arguments), control / "metrics.json"))
+        jobs.append(eval_job(config, f"eval-{name}", folder, data / "test.json", out / "eval" / name, methods, budgets))
+    control = out / "eval" / "base-blank"  # full tokens only
+    jobs.append(eval_job(config, "eval-base-blank", models["base"], data / "blank.json", control, [], []))
     return jobs
 
 

@@ -70,8 +70,8 @@ class DemoConfig:
     kd_student_hidden: int = 32
     kd_student_layers: int = 4
     kd_pt_steps: int = 200  # PT / DPT: the projector alone
-    kd_sft_steps: int = 2000  # SFT: projector and LLM
-    kd_dft_steps: int = 1000  # DFT: projector and LLM with the teacher (PT-SFT: as many more SFT steps)
+    kd_sft_steps: int = 500  # SFT: projector and LLM (with 2,000 + 1,000 the student alone reaches 100%: measured)
+    kd_dft_steps: int = 500  # DFT: projector and LLM with the teacher (PT-SFT: as many more SFT steps)
     kd_pt_lr: float = 1e-3
     kd_lr: float = 3e-3  # the student's LLM starts from random weights, like the base model's
     kd_weights: str = "released"

@@ -26,12 +26,11 @@ import epic
 from epic.data.dataset import image_token_count
 from epic.data.encoding import encode_prompt
 from epic.data.images import prepare_image
-from epic.data.templates import IMAGE_PLACEHOLDER, Template, Turn, reply_stop_ids
+from epic.data.templates import IMAGE_PLACEHOLDER, REPLY_SENTINEL, Template, Turn, reply_stop_ids
 from epic.eval.cost import measured_cache_bytes
 
 FULL = "none"  # the method name for no compression (every visual token kept)
 DEMO_MODELS = ("tcd", "base")  # what `epic demo` saves under <root>/models/, in order of preference
-_SENTINEL = "\x00epic-reply\x00"  # stands for an answer when finding what a template writes around it
 # what `open_image` reads: common raster formats only (never EPS, which Pillow hands to Ghostscript, nor rarer decoders)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers multi-picture JPEGs (MPO)
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning level (it refuses only at twice that)
@@ -298,16 +297,16 @@ class ChatSession:
             before = _text(self.template.prompt(asked, self.tokenizer.eos_token or ""))
             after = _text(
                 self.template.prompt(
-                    [*asked, Turn("assistant", _SENTINEL), Turn("user", question)], self.tokenizer.eos_token or ""
+                    [*asked, Turn("assistant", REPLY_SENTINEL), Turn("user", question)], self.tokenizer.eos_token or ""
                 )
             )
         except ValueError as error:
             raise ChatError(
                 f"the {self.template.name!r} template cannot continue this conversation ({error}); /reset to ask anew"
             ) from None
-        if not after.startswith(before) or after.count(_SENTINEL) != 1:
+        if not after.startswith(before) or after.count(REPLY_SENTINEL) != 1:
             raise ChatError(f"the {self.template.name!r} template does not extend a conversation turn by turn")
-        tail = after.partition(_SENTINEL)[2]
+        tail = after.partition(REPLY_SENTINEL)[2]
         ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
         if self._pending in self._stop_ids:
             return ids

@@ -180,7 +180,7 @@ def get_template(name: str, tokenizer: object | None = None) -> Template:
     return BUILTIN_TEMPLATES[name]
 
 
-_REPLY = "\x00epic-reply\x00"  # stands for a reply when finding what a template writes after one
+REPLY_SENTINEL = "\x00epic-reply\x00"  # stands for a reply when finding what a template writes around one
 
 
 def reply_stop_ids(template: Template, tokenizer) -> set[int]:
@@ -188,10 +188,10 @@ def reply_stop_ids(template: Template, tokenizer) -> set[int]:
     reply with (`<|im_end|>` for ChatML), so generation stops where the template's reply ends."""
     stop = {tokenizer.eos_token_id}
     try:
-        segments = template.render([Turn("user", "q"), Turn("assistant", _REPLY)], tokenizer.eos_token or "")
+        segments = template.render([Turn("user", "q"), Turn("assistant", REPLY_SENTINEL)], tokenizer.eos_token or "")
     except ValueError:  # a template without replies of its own shape
         segments = []
-    closing = "".join(text for text, _ in segments).partition(_REPLY)[2]
+    closing = "".join(text for text, _ in segments).partition(REPLY_SENTINEL)[2]
     if closing:
         first = tokenizer(closing, add_special_tokens=False)["input_ids"][:1]
         stop |= set(first) & set(tokenizer.all_special_ids)

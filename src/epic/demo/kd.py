@@ -117,10 +117,13 @@ def run_kd_demo(config: DemoConfig, out: Path) -> Path:
     _forget_stale(config, kd, json.loads((teacher / BASE_KEY_FILE).read_text()))
     start = student_init(config, teacher, kd / "models" / "init")
     latest = {arm: start for arm in ARMS}
-    for index, round_ in enumerate(stages(config)):
+    rounds = stages(config)
+    run_dirs: dict[str, Path] = {}  # every stage's run, in order: its name, its folder
+    for index, round_ in enumerate(rounds):
         jobs = []
         for stage in round_:
-            run_dir = kd / "runs" / f"{stage.arm}-{stage.name}"
+            run = f"{stage.arm}-{stage.name}"
+            run_dir = run_dirs[run] = kd / "runs" / run
             options: dict[str, object] = {
                 "model": latest[stage.arm],
                 "mode": stage.mode,
@@ -132,9 +135,9 @@ def run_kd_demo(config: DemoConfig, out: Path) -> Path:
             if stage.teacher:
                 options |= {"teacher": teacher, "kd_weights": config.kd_weights}
             arguments = train_options(config, data, run_dir, config.seed, **options)
-            jobs.append(Job(f"kd-{stage.arm}-{stage.name}", epic_command("train", *arguments), run_dir / "final"))
+            jobs.append(Job(f"kd-{run}", epic_command("train", *arguments), run_dir / "final"))
             latest[stage.arm] = run_dir / "final"
-        run_jobs(jobs, config.workers, kd / "logs", f"LLaVA-KD round {index + 1} of {len(stages(config))}")
+        run_jobs(jobs, config.workers, kd / "logs", f"LLaVA-KD round {index + 1} of {len(rounds)}")
     models = {"teacher": teacher} | {arm: latest[arm] for arm in ARMS}
     methods, test_file = [config.train_method], data / "test.json"
     evals = [
@@ -142,6 +145,5 @@ def run_kd_demo(config: DemoConfig, out: Path) -> Path:
         for name, folder in models.items()
     ]
     run_jobs(evals, config.workers, kd / "logs", "LLaVA-KD evaluation")
-    runs = [f"{stage.arm}-{stage.name}" for round_ in stages(config) for stage in round_]
-    logs = {run: read_log(kd / "runs" / run / "final") for run in runs}
+    logs = {run: read_log(run_dir / "final") for run, run_dir in run_dirs.items()}
     return write_kd_report(config, kd, logs)

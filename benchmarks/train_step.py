@@ -1,16 +1,24 @@
 """Training-step cost of SFT, TCD and LCD, and of a step in the style of the released EPIC code, in one run.
 
 The same batch for every configuration; each timed step is forward(s) + backward + AdamW step. Configurations are
-timed round-robin (so drift of the machine hits all alike) and reported as medians and as ratios to SFT at full
-tokens and to SFT at the student's budget. Peak memory is measured per configuration in a fresh subprocess (the
-resident-set size sampled every millisecond during one step, above what the process held before that step).
+timed round-robin (so drift of the machine hits all alike) and reported as medians, and as ratios to SFT at full
+tokens and to SFT at the student's budget taken within each round (the median over rounds). Peak memory is
+measured per configuration in a fresh subprocess (the resident-set size sampled every millisecond during one step,
+above what the process held before that step).
 
     OMP_NUM_THREADS=1 python benchmarks/train_step.py
+
+"SFT, student budget, supervised rows" is the student pass of TCD's end point alone: SFT at 64 tokens that projects
+logits, and runs the last layer's MLP, at the supervised positions only (as the consistency step does); TCD minus it
+is what the teacher costs.
 
 Points of the schedule: the end (student 64 tokens, teacher 128) and the middle (student 288, teacher all) for TCD;
 for LCD at 64 tokens, the end (student layer K=2, teacher layer 4) and the middle (student layer 4, teacher 6).
 "Released-style" reruns the whole model (vision tower included) for the teacher, scatters both logit tensors back
 to full length and takes a full-vocabulary fp32 KL over every position.
+
+FLOPs (forward + backward, torch's `FlopCounterMode`) are counted once per configuration with eager attention, which
+computes the same arithmetic as sdpa and which the counter can see.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import epic
-from epic.distill import StepPlan
+from epic.distill import StepPlan, ce_rows, distilled_positions
 from epic.eval.bench import memory_growth_during
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from epic.train.step import ConsistencyLoss
@@ -50,6 +59,7 @@ IMAGE = SPEC.image_tokens  # 576
 CONFIGS = [
     "sft_full",
     "sft_student",
+    "sft_student_rows",
     "tcd_end",
     "tcd_middle",
     "lcd_end",
@@ -137,6 +147,16 @@ def step_function(name: str, model, batch, method: str) -> Callable[[], None]:
                 model(**batch).loss.backward()
 
         return sft_student
+    if name == "sft_student_rows":
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        wanted = distilled_positions(batch["labels"])
+        targets = batch["labels"][:, 1:][wanted[:, :-1]]
+
+        def sft_student_rows() -> None:
+            with epic.compress(model, method, tokens=64, layer=2, trim_last_layer=True):
+                ce_rows(model(**inputs, logits_to_keep=wanted).logits, targets).backward()
+
+        return sft_student_rows
     plan = plans(layers)[name]
     if name.startswith("released"):
         return lambda: released_style(model, batch, plan, method, alpha=0.5)
@@ -157,6 +177,20 @@ def setup(method: str, rows: int, prompt: int, answer: int, attn: str = "sdpa"):
     return model, optimizer, make_batch(rows, prompt, answer)
 
 
+def step_flops(model, steps: dict[str, Callable[[], None]], attn: str) -> dict[str, float]:
+    """FLOPs of each step (forward(s) + backward) by torch's counter, with eager attention: the counter does not see
+    CPU flash attention, and the arithmetic is the same."""
+    model.set_attn_implementation("eager")
+    flops = {}
+    for name, step in steps.items():
+        with FlopCounterMode(display=False) as counter:
+            step()
+        model.zero_grad(set_to_none=True)
+        flops[name] = counter.get_total_flops()
+    model.set_attn_implementation(attn)
+    return flops
+
+
 def peak_memory(name: str, args) -> float:
     """MB above the pre-step resident set during one step (after a warm-up step), in this process."""
     model, optimizer, batch = setup(args.method, args.rows, args.prompt, args.answer, args.attn)
@@ -170,6 +204,13 @@ def peak_memory(name: str, args) -> float:
         optimizer.step()
 
     return memory_growth_during(measured_step, torch.device("cpu")) / 2**20
+
+
+def round_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of `name`'s time over `reference`'s in the same round (nan without the reference)."""
+    if reference not in times:
+        return float("nan")
+    return statistics.median(mine / theirs for mine, theirs in zip(times[name], times[reference], strict=True))
 
 
 def main() -> None:
@@ -201,6 +242,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             if round_index:
                 times[name].append(time.perf_counter() - start)
+    flops = step_flops(model, steps, args.attn)
     memory = {}
     for name in configs:
         command = [
@@ -216,6 +258,8 @@ def main() -> None:
             str(args.prompt),
             "--answer",
             str(args.answer),
+            "--attn",
+            args.attn,
         ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         memory[name] = json.loads(output.strip().splitlines()[-1])["peak_mb"]
@@ -226,14 +270,24 @@ def main() -> None:
         f"# train step: 8-layer 512-wide Llama-LLaVA, vocab {SPEC.vocab_size}, {args.rows} rows of {length} tokens "
         f"({IMAGE} visual), K=2, {args.method}, {args.attn}, one thread, median of {args.repeats}"
     )
-    print(f"{'config':<16} {'ms':>8} {'x SFT full':>11} {'x SFT student':>14} {'peak MB':>9}")
+    print(
+        f"{'config':<17} {'ms':>8} {'x SFT full':>11} {'x SFT student':>14} {'peak MB':>9} {'GFLOP':>7} "
+        f"{'x SFT full':>11}"
+    )
     for name in configs:
-        full = median[name] / median["sft_full"] if "sft_full" in median else float("nan")
-        student = median[name] / median["sft_student"] if "sft_student" in median else float("nan")
-        print(f"{name:<16} {median[name] * 1e3:>8.1f} {full:>11.3f} {student:>14.3f} {memory[name]:>9.1f}")
+        full = round_ratio(times, name, "sft_full")
+        student = round_ratio(times, name, "sft_student")
+        flops_full = flops[name] / flops["sft_full"] if "sft_full" in flops else float("nan")
+        print(
+            f"{name:<17} {median[name] * 1e3:>8.1f} {full:>11.3f} {student:>14.3f} {memory[name]:>9.1f} "
+            f"{flops[name] / 1e9:>7.1f} {flops_full:>11.3f}"
+        )
     if args.json:
+        ratios = {name: round_ratio(times, name, "sft_full") for name in configs}
+        results = {"args": vars(args), "median_s": median, "x_sft_full": ratios, "peak_mb": memory, "flops": flops}
+        results["times"] = times
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "median_s": median, "peak_mb": memory, "times": times}, handle, indent=2)
+            json.dump(results, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_suffix_from_the_students_prefix_equals_a_full_teacher_forward(attention
         else:
             with epic.compress(model, method, tokens=teacher[0], layer=teacher[1], seed=1) as reference:
                 expected = model(**batch, logits_to_keep=wanted).logits
-        with epic.compress(model, method, tokens=5, layer=2, record_prefix=True) as student:
+        with epic.compress(model, method, tokens=5, layer=2, record_prefix=True, trim_last_layer=True) as student:
             model(**batch, logits_to_keep=wanted)
             handle = (
                 None if teacher is None else epic.compress(model, method, tokens=teacher[0], layer=teacher[1], seed=1)

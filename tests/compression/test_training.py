@@ -1,4 +1,4 @@
-"""Backward through a compressed forward, with and without gradient checkpointing."""
+"""Backward through a compressed forward, with and without gradient checkpointing, with and without trimming."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import epic
+from epic.distill import distilled_positions
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from tests.helpers import Row, make_batch
 
@@ -52,3 +53,57 @@ def test_training_step_reduces_loss_on_the_kept_sequence():
             optimizer.step()
             losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def rows_and_gradients(trim: bool, checkpointing: dict | None, padding: str) -> tuple[torch.Tensor, dict, list[int]]:
+    """Logits at the supervised-next positions (a boolean logits_to_keep), their sum's gradients, and how many rows
+    the last layer's MLP saw."""
+    model = build_tiny_llava(seed=1).train()
+    if checkpointing is not None:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+    batch = make_batch(SPEC, [Row(), Row(before=8, answer=5, images=2), Row(images=0, answer=2)], padding)
+    wanted = distilled_positions(batch.pop("labels"))
+    mlp_rows: list[int] = []
+    model.model.language_model.layers[-1].mlp.register_forward_hook(
+        lambda module, args, output: mlp_rows.append(output.shape[:-1].numel())
+    )
+    with epic.compress(model, "dart", tokens=6, layer=2, seed=3, trim_last_layer=trim):
+        rows = model(**batch, logits_to_keep=wanted).logits
+        (rows * torch.linspace(-1, 1, rows.shape[-1])).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return rows.detach(), grads, mlp_rows
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": False}, {"use_reentrant": True}])
+def test_trimming_the_last_layer_changes_no_kept_logit_nor_gradient(padding, checkpointing):
+    rows, grads, full_rows = rows_and_gradients(False, None, padding)
+    trimmed_rows, trimmed_grads, trimmed = rows_and_gradients(True, checkpointing, padding)
+    assert full_rows[0] > rows.shape[0]
+    assert trimmed and set(trimmed) == {rows.shape[0]}  # the forward (and any recomputation) ran those rows only
+    torch.testing.assert_close(trimmed_rows, rows, atol=1e-5, rtol=0)
+    assert grads.keys() == trimmed_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(trimmed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_trimming_applies_only_with_a_boolean_logits_to_keep_and_not_while_paused():
+    model = build_tiny_llava(seed=1)
+    batch = make_batch(SPEC, [Row(), Row(before=8)], "right", labels=False)
+    mlp_rows: list[int] = []
+    model.model.language_model.layers[-1].mlp.register_forward_hook(
+        lambda module, args, output: mlp_rows.append(output.shape[:-1].numel())
+    )
+    with torch.no_grad(), epic.compress(model, "dart", tokens=6, trim_last_layer=True) as trimming:
+        model(**batch)
+        with trimming.paused():
+            model(**batch, logits_to_keep=batch["attention_mask"].bool())
+    kept_length = 2 * (batch["input_ids"].shape[1] - SPEC.image_tokens + 6)
+    assert mlp_rows == [kept_length, 2 * batch["input_ids"].shape[1]]
+
+
+def test_trimming_needs_an_mlp_in_the_last_layer():
+    model = build_tiny_llava()
+    del model.model.language_model.layers[-1].mlp
+    with pytest.raises(ValueError, match="trim_last_layer needs decoder layers with a position-wise `mlp`"):
+        epic.compress(model, "dart", tokens=6, trim_last_layer=True)

@@ -78,6 +78,7 @@ class _Batch:
     labels: torch.Tensor | None  # [B, L], held back from the model
     loss_kwargs: dict[str, Any]
     logits_mask: torch.Tensor | None = None  # [B, L] bool: positions whose logits are wanted (original coordinates)
+    trim_last_layer: bool = False  # the last layer's MLP runs at the logits_mask positions only
     attention: torch.Tensor | None = None  # [B, L] from layer K-1
     key_norms: torch.Tensor | None = None  # [B, L] from layer K-1
     kept: list[list[torch.Tensor]] = field(default_factory=list)  # per row, per image: kept positions
@@ -95,6 +96,8 @@ class _Plan:
     position_ids: torch.Tensor | None  # gathered; None when decoding (the stock ones are right)
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     masks: dict[str, Any] = field(default_factory=dict)  # per attention type
+    logit_slots: torch.Tensor | None = None  # [B, L'] slots whose logits are wanted (a boolean logits_to_keep)
+    trim_last_layer: bool = False  # the last layer's MLP runs at `logit_slots` only
 
 
 @dataclass
@@ -139,6 +142,35 @@ def _last_true(mask: torch.Tensor) -> torch.Tensor:
     return length - 1 - mask.flip(1).int().argmax(dim=1)
 
 
+def _wanted_slots(wanted: torch.Tensor, gather_index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, L'] slots of the compressed sequence holding the `wanted` positions ([B, L] bool, original coordinates)."""
+    slots = wanted.to(valid.device).gather(1, gather_index) & valid
+    if int(slots.sum()) != int(wanted.sum()):
+        raise ValueError("logits were asked for at positions that compression dropped (visual tokens)")
+    return slots
+
+
+def _mlp_at_rows(mlp: nn.Module, rows: Callable[[], torch.Tensor | None]) -> list[RemovableHandle]:
+    """Hooks that run a position-wise `mlp` ([B, L, d] -> [B, L, d]) only where `rows()` ([B, L] bool) is True and
+    give zeros elsewhere; inactive while `rows()` is None.
+
+    The layer's output is then exact at those rows and its residual alone at the others, so only those rows may be
+    read: this is for the last decoder layer, when only some positions' logits are used (training).
+    """
+
+    def before(module: nn.Module, args: tuple) -> tuple | None:
+        mask = rows()
+        return None if mask is None else (args[0][mask],)
+
+    def after(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        mask = rows()
+        if mask is None:
+            return None
+        return output.new_zeros(*mask.shape, output.shape[-1]).index_put((mask,), output)
+
+    return [mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after)]
+
+
 class Compression:
     """A live compression attached to a model; use as a context manager or call `remove()`.
 
@@ -159,6 +191,7 @@ class Compression:
         profile: bool,
         options: dict[str, Any],
         record_prefix: bool = False,
+        trim_last_layer: bool = False,
     ) -> None:
         self.model = model
         self.language_model = _language_model(model)
@@ -186,6 +219,13 @@ class Compression:
         self.scoring_seconds = 0.0
         self.record_prefix = record_prefix
         self.prefix: Prefix | None = None
+        self.trim_last_layer = trim_last_layer
+        last_mlp = getattr(layers[-1], "mlp", None)
+        if trim_last_layer and not isinstance(last_mlp, nn.Module):
+            raise ValueError(
+                f"trim_last_layer needs decoder layers with a position-wise `mlp` module; {type(layers[-1]).__name__} "
+                "has none"
+            )
 
         self._signature = inspect.signature(model.forward)
         self._layer_types = [self._attention_type(i) for i in range(len(layers))]
@@ -197,6 +237,7 @@ class Compression:
         self._plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # rotary cos of a forward -> _Plan
         self._cache_record: _CacheRecord | None = None
         self._handles: list[RemovableHandle] = []
+        self._mlp_rows: torch.Tensor | None = None  # [B, L'] where the last layer's MLP runs (None: everywhere)
 
         self._check_budget_against_config()
         ensure_registered()
@@ -214,6 +255,8 @@ class Compression:
         for index in range(layer, len(layers)):
             hook = self._layer_pre_hook(index)
             self._handles.append(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
+        if trim_last_layer:
+            self._handles += _mlp_at_rows(last_mlp, lambda: None if self._paused else self._mlp_rows)
 
     # ----------------------------------------------------------------------------------------- life cycle
     def remove(self) -> None:
@@ -225,6 +268,7 @@ class Compression:
         self._plans = WeakIdKeyDictionary()
         self._batch = None
         self._cache_record = None
+        self._mlp_rows = None
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -242,8 +286,9 @@ class Compression:
         self.remove()
 
     # ----------------------------------------------------------------------------------------- suffix runs
-    def _begin_suffix(self, batch: _Batch, scores_ready: bool) -> None:
-        """Act as if a forward of `batch` had run up to here (see `run_suffix`)."""
+    def _begin_suffix(self, batch: _Batch, scores_ready: bool, logits_mask: torch.Tensor) -> None:
+        """Act as if a forward of `batch` asking for the logits at `logits_mask` had run up to here (see
+        `run_suffix`)."""
         self._batch = _Batch(
             batch.attention_mask,
             batch.image_mask,
@@ -252,6 +297,7 @@ class Compression:
             batch.text_positions,
             labels=None,
             loss_kwargs={},
+            logits_mask=logits_mask,
             attention=batch.attention if scores_ready else None,
             key_norms=batch.key_norms if scores_ready else None,
         )
@@ -411,7 +457,8 @@ class Compression:
             images.append(list(row_images.split(per_image)) if row_images.numel() else [])
             in_prompt = valid[row] & ~image_mask[row] & (positions <= prompt_last[row])
             text_positions.append(in_prompt.nonzero().squeeze(1))
-        return _Batch(valid, image_mask, images, prompt_last, text_positions, labels, loss_kwargs, logits_mask)
+        trim = self.trim_last_layer and logits_mask is not None
+        return _Batch(valid, image_mask, images, prompt_last, text_positions, labels, loss_kwargs, logits_mask, trim)
 
     @staticmethod
     def _count_images(inputs: dict[str, Any]) -> int:
@@ -464,12 +511,7 @@ class Compression:
         batch = self._batch
         if self._paused or batch is None or batch.logits_mask is None or self._decoding:
             return None
-        plan = batch.plan
-        wanted = batch.logits_mask.to(plan.valid.device)
-        slots = wanted.gather(1, plan.gather_index) & plan.valid
-        if int(slots.sum()) != int(wanted.sum()):
-            raise ValueError("logits were asked for at positions that compression dropped (visual tokens)")
-        return (args[0][slots],)
+        return (args[0][batch.plan.logit_slots],)
 
     # ----------------------------------------------------------------------------------------- layer hooks
     def _before_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -519,6 +561,9 @@ class Compression:
     def _before_compressed_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self._paused:
             return None
+        last_layer = index == len(self._layer_types) - 1
+        if last_layer:
+            self._mlp_rows = None
         if args:
             hidden_states, args = args[0], args[1:]
         else:
@@ -544,6 +589,8 @@ class Compression:
             hidden_states = hidden_states.gather(
                 1, plan.gather_index[..., None].expand(-1, -1, hidden_states.shape[-1])
             )
+        if last_layer and plan.trim_last_layer:
+            self._mlp_rows = plan.logit_slots
         kwargs = {**kwargs, "attention_mask": self._mask(plan, index)}
         if plan.position_ids is not None:
             kwargs["position_ids"] = plan.position_ids
@@ -575,6 +622,9 @@ class Compression:
             sin.expand(batch_size, -1, -1).gather(1, rotary_index),
         )
         plan = _Plan(gather_index, valid, attention_mask, position_ids, position_ids, position_embeddings)
+        if batch.logits_mask is not None:
+            plan.logit_slots = _wanted_slots(batch.logits_mask, gather_index, valid)
+            plan.trim_last_layer = batch.trim_last_layer
         self._build_masks(plan, hidden_states.new_empty(batch_size, kept_length, 0), cache)
         batch.plan = plan
         return plan
@@ -698,6 +748,7 @@ def compress(
     seed: int = 0,
     profile: bool = False,
     record_prefix: bool = False,
+    trim_last_layer: bool = False,
     **options: Any,
 ) -> Compression:
     """Compress the visual tokens of `model` before decoder layer `layer`.
@@ -712,11 +763,15 @@ def compress(
         profile: synchronise the GPU around scoring so `scoring_seconds` is exact.
         record_prefix: keep what enters layer K in `.prefix`, so `run_suffix` can run the layers from K again under
             another compression without recomputing the layers below (a distillation teacher).
+        trim_last_layer: in a forward with a boolean `logits_to_keep`, run the last decoder layer's MLP at those
+            positions only: their logits are exact, the other positions of the final hidden states are left
+            incomplete. Saves most of a layer in training steps that use only the supervised positions' logits.
         **options: the method's options, e.g. `pivots_image=4, pivots_text=4` for DART.
 
     Returns a `Compression` handle: a context manager, or call `.remove()` to detach it.
     """
-    return Compression(model, method, Budget(tokens=tokens, ratio=ratio), layer, seed, profile, options, record_prefix)
+    budget = Budget(tokens=tokens, ratio=ratio)
+    return Compression(model, method, budget, layer, seed, profile, options, record_prefix, trim_last_layer)
 
 
 def run_suffix(
@@ -726,28 +781,32 @@ def run_suffix(
     decoder layer `start` from `prefix` (recorded entering that layer), under `compression` or none.
 
     The layers below `start` are not run again: a teacher that compresses at or after the student's layer shares
-    them. `compression` must be attached to `model` and compress at a layer >= `start`; pause any other
-    compression attached to the same model meanwhile.
+    them. The last layer's MLP runs at the `logits_mask` positions only (see `compress(trim_last_layer=True)`).
+    `compression` must be attached to `model` and compress at a layer >= `start`; pause any other compression
+    attached to the same model meanwhile.
     """
     language_model = _language_model(model)
+    logits_mask = logits_mask.to(prefix.hidden_states.device)
     if compression is not None:
         if compression.layer < start:
             raise ValueError(f"a suffix from layer {start} cannot compress at layer {compression.layer}")
-        compression._begin_suffix(prefix.batch, scores_ready=compression.layer == start)
+        compression._begin_suffix(prefix.batch, scores_ready=compression.layer == start, logits_mask=logits_mask)
+
+    def slots(batch: _Batch | None) -> torch.Tensor:
+        return logits_mask if batch is None or batch.plan is None else batch.plan.logit_slots
+
+    def wanted_rows() -> torch.Tensor:  # read when the last layer's MLP runs, after any compression planned
+        return slots(None if compression is None else compression._batch)
+
+    last_mlp = getattr(language_model.layers[-1], "mlp", None)
+    handles = _mlp_at_rows(last_mlp, wanted_rows) if isinstance(last_mlp, nn.Module) else []
     hidden_states = prefix.hidden_states
     layer_kwargs = {**prefix.layer_kwargs, "past_key_values": None, "use_cache": False}  # never touch a cache
     try:
         for layer in language_model.layers[start:]:
             hidden_states = layer(hidden_states, **layer_kwargs)
     finally:
+        for handle in handles:
+            handle.remove()
         batch = compression._end_suffix() if compression is not None else None
-    hidden_states = language_model.norm(hidden_states)
-    if batch is not None and batch.plan is not None:
-        plan = batch.plan
-        slots = logits_mask.to(plan.valid.device).gather(1, plan.gather_index) & plan.valid
-        if int(slots.sum()) != int(logits_mask.sum()):
-            raise ValueError("logits were asked for at positions that compression dropped (visual tokens)")
-        rows = hidden_states[slots]
-    else:
-        rows = hidden_states[logits_mask.to(hidden_states.device)]
-    return model.get_output_embeddings()(rows)
+    return model.get_output_embeddings()(language_model.norm(hidden_states[slots(batch)]))

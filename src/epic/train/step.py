@@ -31,9 +31,18 @@ class ConsistencyLoss:
     alpha: float
     temperature: float = 1.0
 
-    def attach(self, llava: nn.Module, ratio: float, layer: int, seed: int, record_prefix: bool = False) -> Compression:
+    def attach(self, llava: nn.Module, ratio: float, layer: int, seed: int, student: bool = False) -> Compression:
+        """The method at `ratio` before decoder layer `layer`; a student's records what enters that layer (for the
+        teacher) and runs its last layer's MLP at the supervised positions only (the only logits it uses)."""
         return compress(
-            llava, self.method, ratio=ratio, layer=layer, seed=seed, record_prefix=record_prefix, **self.method_options
+            llava,
+            self.method,
+            ratio=ratio,
+            layer=layer,
+            seed=seed,
+            record_prefix=student,
+            trim_last_layer=student,
+            **self.method_options,
         )
 
     def __call__(
@@ -46,7 +55,8 @@ class ConsistencyLoss:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> StepResult:
         """Vision once; the student pass (gradients, stronger compression, prefix recorded); the teacher resumed
-        from that prefix under no_grad; CE and KL in fp32 on the aligned rows only.
+        from that prefix under no_grad; CE and KL in fp32 on the aligned rows only. Both passes project logits, and
+        run their last layer's MLP, at the supervised positions only.
 
         `model` is what the optimizer trains (maybe wrapped by DDP / DeepSpeed / peft); `llava` the LLaVA inside.
         """
@@ -65,7 +75,7 @@ class ConsistencyLoss:
         targets = labels[:, 1:][wanted[:, :-1]]
         student = None
         if plan.student_compresses:
-            student = self.attach(llava, plan.student_ratio, plan.student_layer, seed, record_prefix=True)
+            student = self.attach(llava, plan.student_ratio, plan.student_layer, seed, student=True)
         try:
             student_rows = model(**forward, logits_to_keep=wanted).logits
             with torch.no_grad():

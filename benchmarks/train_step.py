@@ -274,8 +274,9 @@ def main() -> None:
         f"{'config':<17} {'ms':>8} {'x SFT full':>11} {'x SFT student':>14} {'peak MB':>9} {'GFLOP':>7} "
         f"{'x SFT full':>11}"
     )
+    ratios = {name: round_ratio(times, name, "sft_full") for name in configs}
     for name in configs:
-        full = round_ratio(times, name, "sft_full")
+        full = ratios[name]
         student = round_ratio(times, name, "sft_student")
         flops_full = flops[name] / flops["sft_full"] if "sft_full" in flops else float("nan")
         print(
@@ -283,7 +284,6 @@ def main() -> None:
             f"{flops[name] / 1e9:>7.1f} {flops_full:>11.3f}"
         )
     if args.json:
-        ratios = {name: round_ratio(times, name, "sft_full") for name in configs}
         results = {"args": vars(args), "median_s": median, "x_sft_full": ratios, "peak_mb": memory, "flops": flops}
         results["times"] = times
         with open(args.json, "w") as handle:

@@ -19,7 +19,8 @@ SPEC = TinyLlavaSpec()
     ("method", "teacher"),
     [("dart", (20, 2)), ("fastv", (20, 2)), ("dart", (5, 3)), ("fastv", (64, 2)), ("random", (20, 2)), ("dart", None)],
 )
-def test_suffix_from_the_students_prefix_equals_a_full_teacher_forward(attention, method, teacher):
+@pytest.mark.parametrize("teacher_trims", [False, True])
+def test_suffix_from_the_students_prefix_equals_a_full_teacher_forward(attention, method, teacher, teacher_trims):
     model = build_tiny_llava(attn_implementation=attention)
     batch = make_batch(SPEC, [Row(answer=4), Row(before=9, answer=2, images=2), Row(images=0)], "right")
     wanted = distilled_positions(batch.pop("labels"))
@@ -32,7 +33,11 @@ def test_suffix_from_the_students_prefix_equals_a_full_teacher_forward(attention
         with epic.compress(model, method, tokens=5, layer=2, record_prefix=True, trim_last_layer=True) as student:
             model(**batch, logits_to_keep=wanted)
             handle = (
-                None if teacher is None else epic.compress(model, method, tokens=teacher[0], layer=teacher[1], seed=1)
+                None
+                if teacher is None
+                else epic.compress(
+                    model, method, tokens=teacher[0], layer=teacher[1], seed=1, trim_last_layer=teacher_trims
+                )
             )
             with student.paused():
                 rows = run_suffix(model, student.prefix, 2, wanted, handle)

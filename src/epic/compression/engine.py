@@ -78,7 +78,6 @@ class _Batch:
     labels: torch.Tensor | None  # [B, L], held back from the model
     loss_kwargs: dict[str, Any]
     logits_mask: torch.Tensor | None = None  # [B, L] bool: positions whose logits are wanted (original coordinates)
-    trim_last_layer: bool = False  # the last layer's MLP runs at the logits_mask positions only
     attention: torch.Tensor | None = None  # [B, L] from layer K-1
     key_norms: torch.Tensor | None = None  # [B, L] from layer K-1
     kept: list[list[torch.Tensor]] = field(default_factory=list)  # per row, per image: kept positions
@@ -97,7 +96,6 @@ class _Plan:
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     masks: dict[str, Any] = field(default_factory=dict)  # per attention type
     logit_slots: torch.Tensor | None = None  # [B, L'] slots whose logits are wanted (a boolean logits_to_keep)
-    trim_last_layer: bool = False  # the last layer's MLP runs at `logit_slots` only
 
 
 @dataclass
@@ -457,8 +455,7 @@ class Compression:
             images.append(list(row_images.split(per_image)) if row_images.numel() else [])
             in_prompt = valid[row] & ~image_mask[row] & (positions <= prompt_last[row])
             text_positions.append(in_prompt.nonzero().squeeze(1))
-        trim = self.trim_last_layer and logits_mask is not None
-        return _Batch(valid, image_mask, images, prompt_last, text_positions, labels, loss_kwargs, logits_mask, trim)
+        return _Batch(valid, image_mask, images, prompt_last, text_positions, labels, loss_kwargs, logits_mask)
 
     @staticmethod
     def _count_images(inputs: dict[str, Any]) -> int:
@@ -589,8 +586,8 @@ class Compression:
             hidden_states = hidden_states.gather(
                 1, plan.gather_index[..., None].expand(-1, -1, hidden_states.shape[-1])
             )
-        if last_layer and plan.trim_last_layer:
-            self._mlp_rows = plan.logit_slots
+        if last_layer and self.trim_last_layer:
+            self._mlp_rows = plan.logit_slots  # None without a boolean logits_to_keep, and when decoding
         kwargs = {**kwargs, "attention_mask": self._mask(plan, index)}
         if plan.position_ids is not None:
             kwargs["position_ids"] = plan.position_ids
@@ -624,7 +621,6 @@ class Compression:
         plan = _Plan(gather_index, valid, attention_mask, position_ids, position_ids, position_embeddings)
         if batch.logits_mask is not None:
             plan.logit_slots = _wanted_slots(batch.logits_mask, gather_index, valid)
-            plan.trim_last_layer = batch.trim_last_layer
         self._build_masks(plan, hidden_states.new_empty(batch_size, kept_length, 0), cache)
         batch.plan = plan
         return plan
@@ -799,7 +795,8 @@ def run_suffix(
         return slots(None if compression is None else compression._batch)
 
     last_mlp = getattr(language_model.layers[-1], "mlp", None)
-    handles = _mlp_at_rows(last_mlp, wanted_rows) if isinstance(last_mlp, nn.Module) else []
+    trims_itself = compression is not None and compression.trim_last_layer
+    handles = _mlp_at_rows(last_mlp, wanted_rows) if isinstance(last_mlp, nn.Module) and not trims_itself else []
     hidden_states = prefix.hidden_states
     layer_kwargs = {**prefix.layer_kwargs, "past_key_values": None, "use_cache": False}  # never touch a cache
     try:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import epic
+from epic.compat import Layout, cache_length
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from tests.helpers import Row, make_batch
 
@@ -73,18 +74,19 @@ def test_compressed_layers_hold_a_shorter_cache():
     layer, tokens = 2, 5
     with epic.compress(model, "fastv", tokens=tokens, layer=layer) as state:
         out = generate(model, batch)
-    cache = out.past_key_values
+    cache = Layout.of(model).output_cache_of(out)
     length = batch["input_ids"].shape[1]
     full = length + NEW_TOKENS - 1
     compressed = length - SPEC.image_tokens + tokens + NEW_TOKENS - 1
-    assert cache.get_seq_length(0) == cache.get_seq_length(layer - 1) == full
+    assert cache_length(cache, 0) == cache_length(cache, layer - 1) == full
     for index in range(layer, SPEC.num_layers):
-        assert cache.get_seq_length(index) == compressed
+        assert cache_length(cache, index) == compressed
     assert state.original_positions.shape == (2, length - SPEC.image_tokens + tokens)
 
 
 def test_decoding_a_foreign_cache_fails_loudly():
     model = build_tiny_llava()
+    layout = Layout.of(model)
     batch = make_batch(SPEC, [Row()], "left", labels=False)
     with torch.no_grad():
         prefill = model(**batch, use_cache=True)
@@ -95,12 +97,13 @@ def test_decoding_a_foreign_cache_fails_loudly():
         epic.compress(model, "dart", tokens=4),
         torch.no_grad(),
     ):
-        model(input_ids=next_token, attention_mask=mask, past_key_values=prefill.past_key_values)
+        model(input_ids=next_token, attention_mask=mask, **layout.with_cache(layout.output_cache_of(prefill)))
 
 
 def test_manual_decoding_loop_matches_generate():
     """Prefill and step-by-step decoding by hand give the tokens `generate` gives."""
     model = build_tiny_llava()
+    layout = Layout.of(model)
     batch = make_batch(SPEC, [Row(), Row(before=9)], "left", labels=False)
     with epic.compress(model, "dart", tokens=6), torch.no_grad():
         reference = generate(model, batch).sequences[:, -NEW_TOKENS:]
@@ -115,8 +118,8 @@ def test_manual_decoding_loop_matches_generate():
                 input_ids=tokens[-1][:, None],
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **layout.with_cache(layout.output_cache_of(out)),
             )
             tokens.append(out.logits[:, -1].argmax(-1))
     assert torch.equal(torch.stack(tokens, dim=1), reference)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import Cache
 
 import epic
-from epic.compression import run_suffix
+from epic.compat import Layout, cache_length
+from epic.compression import Prefix, run_suffix
 from epic.distill import distilled_positions
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from tests.helpers import Row, make_batch
@@ -69,3 +71,38 @@ def test_a_suffix_cannot_compress_below_its_start():
         refused = pytest.raises(ValueError, match="cannot compress at layer 2")
         with student.paused(), epic.compress(model, "dart", tokens=9, layer=2) as teacher, refused:
             run_suffix(model, student.prefix, 3, wanted, teacher)
+
+
+def test_the_teachers_suffix_never_receives_nor_changes_the_students_cache():
+    model = build_tiny_llava()
+    layout = Layout.of(model)
+    layers = model.model.language_model.layers
+    batch = make_batch(SPEC, [Row(), Row(before=9, images=2)], "right")
+    wanted = distilled_positions(batch.pop("labels"))
+    seen = []
+    spies = [
+        layer.register_forward_pre_hook(
+            lambda m, a, kwargs: seen.append(kwargs.get(layout.layer_cache)), with_kwargs=True
+        )
+        for layer in layers[2:]
+    ]
+    with torch.no_grad(), epic.compress(model, "dart", tokens=5, layer=2, record_prefix=True) as student:
+        cache = layout.output_cache_of(model(**batch, logits_to_keep=wanted, use_cache=True))
+        assert isinstance(seen[0], Cache)  # the student's forward did run with a cache
+        lengths = [cache_length(cache, index) for index in range(len(layers))]
+        assert not any(isinstance(value, Cache) for value in student.prefix.layer_kwargs.values())
+        seen.clear()
+        with student.paused(), epic.compress(model, "dart", tokens=20, layer=2) as teacher:
+            run_suffix(model, student.prefix, 2, wanted, teacher)
+        leaked = Prefix(
+            student.prefix.hidden_states, {**student.prefix.layer_kwargs, "cache": cache}, student.prefix.batch
+        )
+        with (
+            student.paused(),
+            pytest.raises(RuntimeError, match=r"the teacher's suffix received a KV cache \(`cache`\)"),
+        ):
+            run_suffix(model, leaked, 2, wanted)
+    for spy in spies:
+        spy.remove()
+    assert len(seen) == len(layers) - 2 and all(value is None for value in seen)
+    assert [cache_length(cache, index) for index in range(len(layers))] == lengths

@@ -7,14 +7,14 @@ implementation (eager, sdpa or flash) unchanged, so no L x L attention map is ev
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, PreTrainedConfig
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers import PreTrainedConfig
+
+from epic.compat import attention_function, attention_implementation, register_attention, with_attention_implementation
 
 SCORING_ATTENTION = "epic_scoring"
 
@@ -54,8 +54,7 @@ def scoring_attention(
         epic_scoring = module.config._epic_passthrough
     if epic_scoring.capture is not None:
         epic_scoring.capture(module, query, key)
-    implementation = epic_scoring.config._attn_implementation
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, epic_scoring.eager)
+    attention = attention_function(attention_implementation(epic_scoring.config), epic_scoring.eager)
     routed_config = module.config
     module.config = epic_scoring.config  # flash attention reads the implementation name from the module
     try:
@@ -66,14 +65,12 @@ def scoring_attention(
 
 def ensure_registered() -> None:
     """Register `scoring_attention` with transformers once (a stateless function; idempotent)."""
-    if SCORING_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(SCORING_ATTENTION, scoring_attention)
+    register_attention(SCORING_ATTENTION, scoring_attention)
 
 
 def routed_config(config: PreTrainedConfig, eager: Callable) -> PreTrainedConfig:
     """A shallow copy of `config` whose attention implementation is `scoring_attention`; it remembers how to run
     the real implementation when no capture is asked for."""
-    routed = copy.copy(config)
-    routed._attn_implementation_internal = SCORING_ATTENTION
+    routed = with_attention_implementation(config, SCORING_ATTENTION)
     routed._epic_passthrough = ScoringCall(config, eager, None)
     return routed

@@ -31,9 +31,17 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.models.llama.modeling_llama import eager_attention_forward as llama_eager_attention
 
+from epic.compat import (
+    Layout,
+    attended_length,
+    attention_implementation,
+    cache_length,
+    check_mask_fits_cache,
+    check_no_cache,
+    eager_attention_of,
+    language_model_of,
+)
 from epic.compression.attention import ScoringCall, ensure_registered, routed_config
 from epic.compression.registry import CompressionMethod, build_method
 from epic.compression.selection import ImageSelection
@@ -113,25 +121,8 @@ class Prefix:
     """What entered the compression layer in the last forward with images (see `compress(record_prefix=True)`)."""
 
     hidden_states: torch.Tensor  # [B, L, d], detached, before any token was dropped
-    layer_kwargs: dict[str, Any]  # that layer's other inputs: mask, position ids, rotary (cos, sin)
+    layer_kwargs: dict[str, Any]  # that layer's other inputs: mask, position ids, rotary (cos, sin); no cache
     batch: _Batch
-
-
-def _language_model(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", None)
-    language_model = getattr(inner, "language_model", None)
-    config = getattr(model, "config", None)
-    if (
-        language_model is None
-        or getattr(config, "image_token_id", None) is None
-        or not hasattr(language_model, "layers")
-        or not hasattr(model, "lm_head")
-    ):
-        raise TypeError(
-            f"epic.compress needs a LLaVA-family model (e.g. LlavaForConditionalGeneration) with "
-            f"`model.language_model.layers` and `config.image_token_id`; got {type(model).__name__}"
-        )
-    return language_model
 
 
 def _last_true(mask: torch.Tensor) -> torch.Tensor:
@@ -192,7 +183,8 @@ class Compression:
         trim_last_layer: bool = False,
     ) -> None:
         self.model = model
-        self.language_model = _language_model(model)
+        self.language_model = language_model_of(model)
+        self.layout = Layout.of(model)  # the installed transformers' names, resolved once (an unknown one fails here)
         self.text_config = model.config.text_config
         layers = self.language_model.layers
         if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < len(layers):
@@ -244,7 +236,7 @@ class Compression:
         self._routed_before = scoring_module.config  # restored on removal (another compression may have routed it)
         passthrough = getattr(scoring_module.config, "_epic_passthrough", None)
         self._original_config = passthrough.config if passthrough is not None else scoring_module.config
-        self._eager = getattr(inspect.getmodule(type(scoring_module)), "eager_attention_forward", llama_eager_attention)
+        self._eager = eager_attention_of(scoring_module)
         scoring_module.config = routed_config(self._original_config, self._eager)
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model, with_kwargs=True))
@@ -350,17 +342,17 @@ class Compression:
         if input_ids is None:
             raise ValueError("epic.compress needs input_ids to find the image tokens (got inputs_embeds only)")
         image_mask = input_ids == self.image_token_id
-        cache = inputs.get("past_key_values")
+        cache = self.layout.model_cache_in(inputs)
         self._batch = None
         self._active = True
-        self._decoding = cache is not None and cache.get_seq_length() > 0
+        self._decoding = cache is not None and cache_length(cache) > 0
         if self._decoding:
             self._check_decoding(cache, inputs)
             mask = inputs.get("attention_mask")
             if mask is None:
                 mask = torch.ones(
                     input_ids.shape[0],
-                    cache.get_seq_length() + input_ids.shape[1],
+                    cache_length(cache) + input_ids.shape[1],
                     dtype=torch.bool,
                     device=input_ids.device,
                 )
@@ -478,7 +470,7 @@ class Compression:
         batch, self._batch, self._active = self._batch, None, False
         if self._decoding:
             return output
-        cache = getattr(output, "past_key_values", None)
+        cache = self.layout.output_cache_of(output)
         if batch is None:
             if cache is not None:
                 self._cache_record = _CacheRecord(weakref.ref(cache), None, None, 0)
@@ -566,6 +558,12 @@ class Compression:
         else:
             kwargs = dict(kwargs)
             hidden_states = kwargs.pop("hidden_states")
+        cache = self.layout.layer_cache_in(kwargs)
+        if self._decoding and cache is None:
+            raise RuntimeError(
+                f"decoding a compressed KV cache, but decoder layer {index} received no cache: its attention mask "
+                "would not match the cache"
+            )
         rotary = kwargs["position_embeddings"][0]
         plan = self._plans.get(rotary)
         if plan is None:
@@ -574,12 +572,13 @@ class Compression:
                     "a decoder layer ran under epic.compress outside a forward of the LLaVA model it is attached "
                     "to; call that model (not its inner language model)"
                 )
-            if index != self.layer:
-                return None  # a forward without images: nothing was compressed
-            if self.record_prefix and self._batch is not None and not self._decoding:
-                self.prefix = Prefix(hidden_states.detach(), dict(kwargs), self._batch)
-            plan = self._new_plan(hidden_states, kwargs)
-            if plan is None:
+            if index == self.layer:
+                if self.record_prefix and self._batch is not None and not self._decoding:
+                    self.prefix = Prefix(hidden_states.detach(), self.layout.without_cache(kwargs), self._batch)
+                plan = self._new_plan(hidden_states, kwargs, cache)
+            if plan is None:  # a forward without images (or decoding after one): nothing was compressed
+                if cache is not None:
+                    check_mask_fits_cache(kwargs.get("attention_mask"), cache, hidden_states.shape[1], index)
                 return None
             self._plans[rotary] = plan
         if plan.gather_index is not None and index == self.layer:
@@ -589,13 +588,14 @@ class Compression:
         if last_layer and self.trim_last_layer:
             self._mlp_rows = plan.logit_slots  # None without a boolean logits_to_keep, and when decoding
         kwargs = {**kwargs, "attention_mask": self._mask(plan, index)}
+        if cache is not None:
+            check_mask_fits_cache(kwargs["attention_mask"], cache, hidden_states.shape[1], index)
         if plan.position_ids is not None:
             kwargs["position_ids"] = plan.position_ids
             kwargs["position_embeddings"] = plan.position_embeddings
         return (hidden_states, *args), kwargs
 
-    def _new_plan(self, hidden_states: torch.Tensor, kwargs: dict) -> _Plan | None:
-        cache = kwargs.get("past_key_values")
+    def _new_plan(self, hidden_states: torch.Tensor, kwargs: dict, cache: Any) -> _Plan | None:
         if self._decoding:
             return self._decode_plan(hidden_states, kwargs, cache)
         batch = self._batch
@@ -635,10 +635,10 @@ class Compression:
         attention_mask = torch.cat([record.attention_mask, new_mask[:, -query_length:]], dim=1)
         step_positions = kwargs["position_ids"].expand(batch_size, -1)
         slot_positions = torch.cat([record.slot_positions, step_positions], dim=1)
-        expected = cache.get_seq_length(self.layer) + query_length
+        expected = cache_length(cache, self.layer) + query_length
         if attention_mask.shape[1] != expected:
             raise RuntimeError(
-                f"compressed cache holds {cache.get_seq_length(self.layer)} positions at layer {self.layer} but "
+                f"compressed cache holds {cache_length(cache, self.layer)} positions at layer {self.layer} but "
                 f"the attention mask implies {attention_mask.shape[1] - query_length}"
             )
         record.attention_mask, record.slot_positions = attention_mask, slot_positions
@@ -652,7 +652,7 @@ class Compression:
         Each is sized against the first layer of its type from K on. Sliding windows count original positions
         (the kept tokens keep their RoPE gaps), not slots of the shorter sequence.
         """
-        implementation = self.text_config._attn_implementation or "eager"
+        implementation = attention_implementation(self.text_config)
         query_length = shape_like.shape[1]
         for kind in dict.fromkeys(self._layer_types[self.layer :]):
             layer_index = self._layer_types.index(kind, self.layer)
@@ -666,24 +666,22 @@ class Compression:
                         "positions than the window are not supported under flash attention; use sdpa or eager"
                     )
                 kv_length = (
-                    plan.attention_mask.shape[1]
-                    if cache is None
-                    else cache.get_mask_sizes(query_length, layer_index)[0]
+                    plan.attention_mask.shape[1] if cache is None else attended_length(cache, query_length, layer_index)
                 )
                 plan.masks[kind] = plan.attention_mask[:, -kv_length:]
                 continue
-            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
             within_window = None
             if window_binds:
 
                 def within_window(batch_idx, head_idx, q_idx, kv_idx, positions=positions, window=window):
                     return positions[batch_idx, q_idx] - positions[batch_idx, kv_idx] < window
 
-            plan.masks[kind] = make(
+            plan.masks[kind] = self.layout.mask(
+                kind == "sliding_attention",
                 config=self.text_config,
                 inputs_embeds=shape_like,
                 attention_mask=plan.attention_mask,
-                past_key_values=cache,
+                cache=cache,
                 position_ids=plan.slot_positions[:, -query_length:],
                 layer_idx=layer_index,
                 and_mask_function=within_window,
@@ -781,7 +779,7 @@ def run_suffix(
     `compression` must be attached to `model` and compress at a layer >= `start`; pause any other compression
     attached to the same model meanwhile.
     """
-    language_model = _language_model(model)
+    language_model = language_model_of(model)
     logits_mask = logits_mask.to(prefix.hidden_states.device)
     if compression is not None:
         if compression.layer < start:
@@ -798,7 +796,8 @@ def run_suffix(
     trims_itself = compression is not None and compression.trim_last_layer
     handles = _mlp_at_rows(last_mlp, wanted_rows) if isinstance(last_mlp, nn.Module) and not trims_itself else []
     hidden_states = prefix.hidden_states
-    layer_kwargs = {**prefix.layer_kwargs, "past_key_values": None, "use_cache": False}  # never touch a cache
+    layer_kwargs = prefix.layer_kwargs  # recorded without the student's cache: the suffix never touches one
+    check_no_cache(layer_kwargs, "the teacher's suffix")
     try:
         for layer in language_model.layers[start:]:
             hidden_states = layer(hidden_states, **layer_kwargs)

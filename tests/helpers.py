@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from epic.compat import attention_implementation, set_attention_implementation
 from epic.models.tiny import TinyLlavaSpec
 
 PAD_ID = 0
@@ -96,13 +97,14 @@ def reference_logits(
         )
         for i in range(layer, len(layers))
     ]
-    implementation = model.config.text_config._attn_implementation
+    text_config = model.config.text_config
+    implementation = attention_implementation(text_config)
     try:
-        model.config.text_config._attn_implementation = "eager"
+        set_attention_implementation(text_config, "eager")
         with torch.no_grad():
             return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     finally:
-        model.config.text_config._attn_implementation = implementation
+        set_attention_implementation(text_config, implementation)
         for handle in handles:
             handle.remove()
 
@@ -123,8 +125,7 @@ def save_tiny_parts(folder, texts: list[str], llm_layers: int = 3) -> dict[str, 
     from pathlib import Path
 
     from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     from epic.models.factory import word_tokenizer
 

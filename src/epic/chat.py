@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import epic
+from epic.compat import Layout, cache_layer_count, cache_length
 from epic.data.dataset import image_token_count
 from epic.data.encoding import encode_prompt
 from epic.data.images import prepare_image
@@ -192,6 +193,7 @@ class ChatSession:
         self._stop_ids = self._find_stop_ids()
         self._image_token = torch.tensor([processor.image_token_id], device=next(model.parameters()).device)
         self._turns: list[Turn] = []
+        self._layout = Layout.of(model)  # the installed transformers' cache names
         self._cache = None
         self._pending: int | None = None  # the last generated token: part of the conversation, not yet in the cache
         self._asked = 0  # bumped by every question and reset: an answer runs only if nothing came after it
@@ -276,7 +278,7 @@ class ChatSession:
         """Positions held by the KV cache per decoder layer (shorter from layer K on when compressed)."""
         if self._cache is None:
             return []
-        return [self._cache.get_seq_length(index) for index in range(len(self._cache.layers))]
+        return [cache_length(self._cache, index) for index in range(cache_layer_count(self._cache))]
 
     def _find_stop_ids(self) -> set[int]:
         """End-of-sequence ids, and the special token the template closes a reply with (`</s>`, `<|im_end|>`)."""
@@ -315,17 +317,17 @@ class ChatSession:
     def _forward(self, ids: list[int], pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Feed `ids` after the cache; the logits of the last position (the image token ruled out)."""
         device = next(self.model.parameters()).device
-        past = 0 if self._cache is None else self._cache.get_seq_length()
+        past = 0 if self._cache is None else cache_length(self._cache)
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.tensor([ids], device=device),
                 attention_mask=torch.ones(1, past + len(ids), dtype=torch.long, device=device),
                 pixel_values=pixel_values,
-                past_key_values=self._cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **self._layout.with_cache(self._cache),
             )
-        self._cache = out.past_key_values
+        self._cache = self._layout.output_cache_of(out)
         return out.logits[0, -1].index_fill(0, self._image_token, float("-inf"))  # the model never says <image>
 
     # ------------------------------------------------------------------------------------------ answering

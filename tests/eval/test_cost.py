@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import epic
+from epic.compat import Layout
 from epic.eval.cost import DecoderShape, kv_cache_bytes, layer_macs, measured_cache_bytes, prefill_macs
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from tests.helpers import Row, make_batch
@@ -59,10 +60,11 @@ def test_measured_cache_equals_formula():
     batch = make_batch(SPEC, [Row(), Row(before=7)], "left", labels=False)
     length = batch["input_ids"].shape[1]
     shape = DecoderShape.from_config(model.config)
+    layout = Layout.of(model)
     with torch.no_grad():
-        full = model(**batch, use_cache=True).past_key_values
+        full = layout.output_cache_of(model(**batch, use_cache=True))
         with epic.compress(model, "fastv", tokens=10, layer=2):
-            compressed = model(**batch, use_cache=True).past_key_values
+            compressed = layout.output_cache_of(model(**batch, use_cache=True))
     assert measured_cache_bytes(full) == 2 * kv_cache_bytes(shape, length, bytes_per_value=4)
     kept_length = length - SPEC.image_tokens + 10
     assert measured_cache_bytes(compressed) == 2 * kv_cache_bytes(shape, length, kept_length, 2, bytes_per_value=4)

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import epic
+from epic.compat import image_features
 from epic.models.assemble import assemble_llava, load_projector
 from epic.models.factory import word_tokenizer
 from tests.helpers import save_tiny_parts
@@ -68,7 +69,7 @@ def test_siglip_tower_keeps_every_patch(tmp_path):
             patch_size=6,
         )
     ).save_pretrained(tmp_path / "siglip")
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers import SiglipImageProcessorPil
 
     SiglipImageProcessorPil(size={"height": 48, "width": 48}).save_pretrained(tmp_path / "siglip")
     tokenizer = word_tokenizer(["What color is it ?"])
@@ -84,4 +85,4 @@ def test_siglip_tower_keeps_every_patch(tmp_path):
     inputs = processor(images=Image.new("RGB", (48, 48)), text="<image> What color is it ?", return_tensors="pt")
     with torch.no_grad():
         out = model(**inputs)
-    assert out.image_hidden_states.shape[0] == 64
+    assert image_features(out).shape[0] == 64

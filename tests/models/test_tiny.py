@@ -7,6 +7,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import epic
+from epic.compat import image_features
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from tests.helpers import Row, make_batch
 
@@ -19,7 +20,7 @@ def test_tiny_model_has_the_declared_shape(family):
     batch = make_batch(spec, [Row()], labels=False)
     with torch.no_grad():
         out = model(**batch)
-    assert out.image_hidden_states.shape == (spec.image_tokens, spec.hidden_size)  # images concatenated
+    assert image_features(out).shape == (spec.image_tokens, spec.hidden_size)
 
 
 def test_same_seed_same_weights_and_global_rng_untouched():

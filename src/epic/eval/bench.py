@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import epic
+from epic.compat import Layout
 from epic.eval.cost import DecoderShape, kv_cache_bytes, measured_cache_bytes, prefill_macs
 from epic.models.assemble import visual_tokens
 
@@ -56,7 +57,7 @@ def timed_prefill(model, inputs) -> tuple[float, int]:
     with torch.inference_mode():
         out = model(**inputs, use_cache=True, logits_to_keep=1)
     _sync(device)
-    return time.perf_counter() - start, measured_cache_bytes(out.past_key_values)
+    return time.perf_counter() - start, measured_cache_bytes(Layout.of(model).output_cache_of(out))
 
 
 def _decode_rate(model, inputs, new_tokens: int, prefill_seconds: float) -> float:

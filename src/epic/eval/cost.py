@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedConfig
+
+from epic.compat import cache_tensors
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,4 @@ def kv_cache_bytes(
 
 def measured_cache_bytes(cache) -> int:
     """Bytes held by the key and value tensors of a transformers `Cache`, read from the tensors themselves."""
-    total = 0
-    for cache_layer in cache.layers:
-        for tensor in (getattr(cache_layer, "keys", None), getattr(cache_layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(tensor.numel() * tensor.element_size() for tensor in cache_tensors(cache))

@@ -21,8 +21,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedModel,
 )
-from transformers.modeling_utils import PreTrainedModel
 
 PROJECTOR_KEYS = {
     r"^(model\.)?mm_projector\.0\.(weight|bias)$": "linear_1",

@@ -13,8 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
 from epic.data.templates import BUILTIN_TEMPLATES, Turn
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava

@@ -19,6 +19,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from epic.compat import set_attention_implementation
+
 TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 
 
@@ -141,7 +143,7 @@ def tiny_llava_config(spec: TinyLlavaSpec, attn_implementation: str = "sdpa") ->
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
     )
-    config._attn_implementation = attn_implementation
+    set_attention_implementation(config, attn_implementation)
     return config
 
 

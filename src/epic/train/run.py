@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from epic.compat import set_attention_implementation, whole_parameters
 from epic.compression import Budget, build_method
 from epic.data.dataset import LlavaDataset, collate, image_token_count
 from epic.data.shapes import SynthConfig, vocabulary_texts, write_synthetic
@@ -35,20 +34,6 @@ logger = logging.getLogger(__name__)
 LOG_FILE = "log_history.json"  # beside the final checkpoint: every logged loss and schedule value
 
 
-@contextmanager
-def _whole_parameters() -> Iterator[None]:
-    """Build a model from a config with whole parameters even under ZeRO-3 (transformers' random init cannot run on
-    partitioned weights); the DeepSpeed engine partitions them when training starts."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = reference
-
-
 def build_model(args: ModelArguments):
     """(model, processor, template name) from a checkpoint, from parts, or `tiny:<family>`."""
     if args.model and args.model.startswith("tiny:"):
@@ -63,7 +48,7 @@ def build_model(args: ModelArguments):
             image_size=args.tiny_image_size,
             patch_size=args.tiny_patch_size,
         )
-        with _whole_parameters():
+        with whole_parameters():
             model, processor = build_tiny_llava_with_processor(
                 vocabulary_texts(SynthConfig()), spec, attn_implementation=args.attn_implementation
             )
@@ -76,7 +61,7 @@ def build_model(args: ModelArguments):
         if not args.template:
             raise ValueError("a model assembled from parts needs --template (e.g. vicuna_v1)")
         model, processor = assemble_llava(args.vision_tower, args.language_model, args.projector)
-        model.config.text_config._attn_implementation = args.attn_implementation
+        set_attention_implementation(model.config.text_config, args.attn_implementation)
         return model, processor, args.template
     raise ValueError("give --model (a checkpoint or tiny:<family>) or --vision_tower and --language_model")
 
@@ -150,7 +135,7 @@ def check_kd_options(model_args: ModelArguments, args: DistillArguments, student
 
 def load_teacher(model_args: ModelArguments, device: torch.device) -> LlavaForConditionalGeneration:
     """The teacher: loaded once, whole (never partitioned by ZeRO-3), frozen, in eval mode, on `device`."""
-    with _whole_parameters():
+    with whole_parameters():
         teacher = LlavaForConditionalGeneration.from_pretrained(
             model_args.teacher,
             dtype=teacher_dtype(model_args.teacher_dtype, device),

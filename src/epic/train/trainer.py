@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from epic.compat import check_trainer_overrides
 from epic.compression import Compression
 from epic.data.sampler import ModalityLengthGroupedSampler
 from epic.distill import KD_MODES, Curriculum, StepPlan, step_generator
@@ -61,6 +62,7 @@ class EpicTrainer(Trainer):
         kd: LlavaKDLoss | None = None,
         **kwargs: Any,
     ) -> None:
+        check_trainer_overrides(Trainer)  # the private methods overridden below still exist, with these parameters
         super().__init__(*args, **kwargs)
         if (teacher is None) != (kd is None) or (kd is not None) != (curriculum.mode in KD_MODES):
             raise ValueError(f"mode {curriculum.mode!r}: a teacher and a KD loss go together, with the kd-* modes only")

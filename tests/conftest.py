@@ -1,4 +1,4 @@
-"""Test-wide settings: offline, one thread, deterministic."""
+"""Test-wide settings: offline, one thread, deterministic; transformers' deprecations as errors on request."""
 
 import os
 
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+
+pytest_plugins = ["tests.strict_deprecations"]
 
 
 @pytest.fixture(autouse=True)

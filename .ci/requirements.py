@@ -1,8 +1,8 @@
 """pyproject.toml's requirements, for the lock and CI scripts (docs/compatibility.md).
 
-    python3 .ci/requirements.py ranges EXTRA...   the requirements of those extras, as declared
-    python3 .ci/requirements.py lowest EXTRA...   `name==lower` for every dependency and those extras' requirements:
-                                                  the oldest environment CI tests (.ci/lock pins the rest around it)
+`python3 .ci/requirements.py ranges EXTRA...` prints the requirements of those extras, as declared;
+`python3 .ci/requirements.py lowest EXTRA...` prints `name==lower` for every dependency and those extras'
+requirements: the oldest environment CI tests (.ci/lock pins the rest around it).
 """
 
 import re

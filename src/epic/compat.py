@@ -146,10 +146,9 @@ class Layout:
             missing = [name for name in (*MASK_PARAMETERS, mask_cache) if name not in _parameters(function)]
             if missing:
                 raise IncompatibleTransformers(f"masking_utils.{function.__name__} has no parameter(s) {missing}")
-        aliases = tuple(name for name in CACHE_NAMES[CACHE_NAMES.index(model_cache) + 1 :])
         return cls(
             model_cache=model_cache,
-            model_cache_aliases=aliases,
+            model_cache_aliases=CACHE_NAMES[CACHE_NAMES.index(model_cache) + 1 :],  # the shim still maps older ones
             layer_cache=layer_cache,
             output_cache=_output_cache_field(type(model).forward, model_cache),
             mask_cache=mask_cache,

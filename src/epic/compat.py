@@ -165,8 +165,10 @@ class Layout:
         return _find_cache(kwargs, (self.layer_cache,), "a decoder layer")
 
     def without_cache(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """A decoder layer's keyword arguments with no cache at all (a teacher's suffix never writes to one)."""
-        self.layer_cache_in(kwargs)  # a cache under an unknown name is an error, not something left behind
+        """A decoder layer's keyword arguments with no cache at all (a teacher's suffix never writes to one).
+
+        A cache under a name not in `CACHE_NAMES` stays; `layer_cache_in` (which the engine calls on these
+        kwargs first) and `run_suffix`'s `check_no_cache` refuse it."""
         kept = {name: value for name, value in kwargs.items() if name not in CACHE_NAMES}
         return {**kept, self.layer_cache: None, "use_cache": False}
 

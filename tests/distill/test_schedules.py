@@ -106,3 +106,20 @@ def test_curriculum_per_mode():
         Curriculum("kd", 6, 2, 0.8)
     with pytest.raises(ValueError, match="needs a target budget"):
         Curriculum("tcd", 6, 2, None, tokens=tokens)
+
+
+def test_hold_reaches_the_end_values_early_and_keeps_them():
+    ramp, held = TokenSchedule(), TokenSchedule(hold=0.3)
+    assert held.ratio_range(0.35) == pytest.approx(ramp.ratio_range(0.5))  # the ramp runs over the first 70%
+    for progress in (0.7, 0.85, 1.0):
+        assert held.ratio_range(progress) == pytest.approx(ramp.ratio_range(1.0))
+        assert held.gap(progress) == pytest.approx(ramp.gap(1.0))
+    assert held.ratio_range(0.69)[1] < ramp.ratio_range(1.0)[1]
+    layers = LayerSchedule(num_layers=6, final_layer=2, hold=0.5)
+    assert layers.layers(0.0) == (5, 6) and layers.layers(0.5) == layers.layers(0.9) == (2, 4)
+    assert layers.layers(0.25) == LayerSchedule(num_layers=6, final_layer=2).layers(0.5)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="hold"):
+            TokenSchedule(hold=bad)
+        with pytest.raises(ValueError, match="hold"):
+            LayerSchedule(num_layers=6, hold=bad)

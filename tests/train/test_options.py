@@ -78,3 +78,33 @@ def test_training_from_parts(shapes, tmp_path):
     model = LlavaForConditionalGeneration.from_pretrained(final)
     assert model.config.image_seq_length == 64
     assert (final / "epic.json").is_file()
+
+
+def test_alpha_zero_trains_without_a_teacher_pass(shapes, tmp_path, monkeypatch):
+    from epic.train.step import ConsistencyLoss
+
+    monkeypatch.setattr(ConsistencyLoss, "_teacher_rows", lambda *a, **k: pytest.fail("a teacher pass ran"))
+    argv = tiny_options(shapes, tmp_path, mode="tcd", alpha=0.0, max_steps=2, save_strategy="steps", save_steps=2)
+    run_training(*parse_recipe(None, argv))
+    history = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    logged = history[0]
+    assert "kd_loss" not in logged and logged["ce_loss"] == pytest.approx(logged["loss"], rel=1e-4)
+    assert 0 < logged["student_ratio"] < 1
+
+
+def test_schedule_hold_trains_at_the_target_budget(shapes, tmp_path):
+    target = 1 - 7 / 64
+    argv = tiny_options(
+        shapes,
+        tmp_path,
+        mode="tcd",
+        max_steps=4,
+        schedule_hold=0.5,
+        r_min_end=target,
+        save_strategy="steps",
+        save_steps=4,
+    )
+    run_training(*parse_recipe(None, argv))
+    history = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    kept = [entry["kept_tokens"] for entry in history if "kept_tokens" in entry]
+    assert len(kept) == 4 and kept[2:] == [7, 7] and kept[0] > 7  # steps 2 and 3 of 4: progress >= 1 - hold

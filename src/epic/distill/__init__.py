@@ -1,6 +1,6 @@
 """Distillation: schedules and losses as pure functions (nothing here knows about training loops)."""
 
-from epic.distill.curriculum import KD_MODES, MODES, Curriculum, StepPlan
+from epic.distill.curriculum import KD_MODES, MODES, Curriculum, StepPlan, plan_step
 from epic.distill.llava_kd import (
     image_positions,
     relation_loss,
@@ -31,6 +31,7 @@ __all__ = [
     "kd_loss",
     "kl_per_row",
     "kl_rows",
+    "plan_step",
     "relation_loss",
     "relation_rows",
     "released_token_schedule",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from epic.distill.schedules import LayerSchedule, TokenSchedule
+from epic.distill.schedules import LayerSchedule, TokenSchedule, step_generator
 
 KD_MODES = ("kd-pretrain", "kd-finetune", "kd-tcd")  # LLaVA-KD: a separate, larger teacher model
 MODES = ("sft", "tcd", "lcd", "tcd+lcd", *KD_MODES)
@@ -82,3 +82,11 @@ class Curriculum:
         if "lcd" in self.mode:
             student_layer, teacher_layer = self.layers.layers(progress)
         return StepPlan(student_ratio, student_layer, teacher_ratio, teacher_layer, self.num_layers)
+
+
+def plan_step(curriculum: Curriculum, seed: int, step: int, max_steps: int, stream: int = 0) -> tuple[StepPlan, int]:
+    """(the plan, the seed of the method's own draws) of optimizer step `step` of `max_steps`, micro-batch
+    `stream`: what the trainer compresses there, and what a replay of the run recomputes exactly."""
+    generator = step_generator(seed, step, stream)
+    method_seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))  # for Random's own draws
+    return curriculum.step(min(step / max(max_steps, 1), 1.0), generator), method_seed

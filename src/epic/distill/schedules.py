@@ -12,6 +12,9 @@ Layer Consistency Distillation (LCD, our design, documented as such): at a fixed
 compresses before layer l_s(p) = round(l_start - (l_start - K) * p), from deep (l_start = L - 1) to shallow (K); the
 teacher at the deeper l_t = min(l_s + dl(p), L), dl growing from 1 to `gap_layers_max`, where L means "no
 compression".
+
+Both schedules take a `hold` (0 by default, as released): the ramps run over the first 1 - hold of training and
+their end values hold for the last `hold`, e.g. hold = 0.3 trains at the target from 70% of the run on.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ class TokenSchedule:
     gap_start: float = 0.1
     gap_slope: float = 0.5
     gap_max: float = 0.3
+    hold: float = 0.0  # the last fraction of training at the end values
 
     def __post_init__(self) -> None:
+        _check_hold(self.hold)
         for name in ("r_min_start", "r_min_end", "r_max_start", "r_max_end"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -52,13 +57,13 @@ class TokenSchedule:
             )
 
     def ratio_range(self, progress: float) -> tuple[float, float]:
-        progress = _check_progress(progress)
+        progress = _ramp(progress, self.hold)
         low = self.r_min_start + (self.r_min_end - self.r_min_start) * progress
         high = self.r_max_start + (self.r_max_end - self.r_max_start) * progress
         return low, high
 
     def gap(self, progress: float) -> float:
-        return min(self.gap_start + self.gap_slope * _check_progress(progress), self.gap_max)
+        return min(self.gap_start + self.gap_slope * _ramp(progress, self.hold), self.gap_max)
 
     def sample(self, progress: float, generator: torch.Generator) -> tuple[float, float]:
         """(student ratio, teacher ratio) at `progress`."""
@@ -92,8 +97,10 @@ class LayerSchedule:
     final_layer: int = 2  # K, reached at the end
     start_layer: int | None = None  # default num_layers - 1
     gap_layers_max: int = 2
+    hold: float = 0.0  # the last fraction of training at layer K
 
     def __post_init__(self) -> None:
+        _check_hold(self.hold)
         start = self.first_layer
         if not 1 <= self.final_layer < self.num_layers:
             raise ValueError(f"final_layer must lie in [1, {self.num_layers - 1}], got {self.final_layer}")
@@ -113,7 +120,7 @@ class LayerSchedule:
 
     def layers(self, progress: float) -> tuple[int, int]:
         """(student layer, teacher layer) at `progress`; a teacher layer of `num_layers` means no compression."""
-        progress = _check_progress(progress)
+        progress = _ramp(progress, self.hold)
         student = round(self.first_layer - (self.first_layer - self.final_layer) * progress)
         gap = round(1 + (self.gap_layers_max - 1) * progress)
         return student, min(student + gap, self.num_layers)
@@ -123,6 +130,16 @@ def _check_progress(progress: float) -> float:
     if not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must lie in [0, 1], got {progress}")
     return progress
+
+
+def _check_hold(hold: float) -> None:
+    if not 0.0 <= hold < 1.0:
+        raise ValueError(f"hold (the last fraction of training at the schedule's end) must lie in [0, 1), got {hold}")
+
+
+def _ramp(progress: float, hold: float) -> float:
+    """Progress along a ramp that ends at 1 - hold of training and then stays at its end."""
+    return min(_check_progress(progress) / (1.0 - hold), 1.0)
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:

@@ -90,6 +90,13 @@ class DistillArguments:
     gap_start: float | None = field(default=None, metadata={"help": "override d_0"})
     gap_slope: float | None = field(default=None, metadata={"help": "override d_slope"})
     gap_max: float | None = field(default=None, metadata={"help": "override d_max"})
+    schedule_hold: float = field(
+        default=0.0,
+        metadata={
+            "help": "the last fraction of training held at the schedules' end (TCD's ratios and gap, LCD's layer); "
+            "0 as released: the ramps end with the run"
+        },
+    )
     lcd_start_layer: int | None = field(default=None, metadata={"help": "LCD's first student layer (default L-1)"})
     lcd_gap_layers_max: int = field(default=2, metadata={"help": "LCD: the teacher's largest layer lead"})
     alpha: float | None = field(

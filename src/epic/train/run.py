@@ -106,10 +106,12 @@ def build_curriculum(args: DistillArguments, num_layers: int, image_tokens: int)
             for name in ("r_min_start", "r_min_end", "r_max_start", "r_max_end", "gap_start", "gap_slope", "gap_max")
             if getattr(args, name) is not None
         }
-        tokens = TokenSchedule(**{**preset.__dict__, **overrides})
+        tokens = TokenSchedule(**{**preset.__dict__, **overrides, "hold": args.schedule_hold})
     layers = None
     if "lcd" in args.mode:
-        layers = LayerSchedule(num_layers, args.layer, args.lcd_start_layer, args.lcd_gap_layers_max)
+        layers = LayerSchedule(
+            num_layers, args.layer, args.lcd_start_layer, args.lcd_gap_layers_max, hold=args.schedule_hold
+        )
     return Curriculum(args.mode, num_layers, args.layer, target, tokens, layers)
 
 

@@ -78,14 +78,18 @@ class ConsistencyLoss:
             student = self.attach(llava, plan.student_ratio, plan.student_layer, seed, student=True)
         try:
             student_rows = model(**forward, logits_to_keep=wanted).logits
-            with torch.no_grad():
-                teacher_rows = self._teacher_rows(llava, plan, seed, forward, wanted, student)
+            teacher_rows = None
+            if self.alpha > 0:  # alpha = 0 (progression without distillation): no teacher pass at all
+                with torch.no_grad():
+                    teacher_rows = self._teacher_rows(llava, plan, seed, forward, wanted, student)
         except BaseException:
             if student is not None:
                 student.remove()
             raise
         ce = ce_rows(student_rows, targets, num_items_in_batch)
-        kd = kl_rows(student_rows, teacher_rows, self.temperature, num_items_in_batch)
+        kd = ce.new_zeros(())
+        if teacher_rows is not None:
+            kd = kl_rows(student_rows, teacher_rows, self.temperature, num_items_in_batch)
         loss = self.alpha * kd + (1 - self.alpha) * ce
         return StepResult(loss, ce, kd, student, student_rows, targets.numel())
 

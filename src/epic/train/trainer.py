@@ -21,7 +21,7 @@ from transformers import Trainer
 from epic.compat import check_trainer_overrides
 from epic.compression import Compression
 from epic.data.sampler import ModalityLengthGroupedSampler
-from epic.distill import KD_MODES, Curriculum, StepPlan, step_generator
+from epic.distill import KD_MODES, Curriculum, StepPlan, plan_step
 from epic.models.factory import write_template
 from epic.train.kd import LlavaKDLoss
 from epic.train.step import ConsistencyLoss
@@ -84,11 +84,8 @@ class EpicTrainer(Trainer):
         step = self.state.global_step
         micro = self._micro_step[1] + 1 if self._micro_step[0] == step else 0
         self._micro_step = (step, micro)
-        progress = min(step / max(self.state.max_steps, 1), 1.0)
         stream = micro * self.args.world_size + self.args.process_index  # one stream per micro-batch of the step
-        generator = step_generator(self.compression_seed, step, stream)
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))  # for Random's own draws
-        return self.curriculum.step(progress, generator), seed
+        return plan_step(self.curriculum, self.compression_seed, step, self.state.max_steps, stream)
 
     def compute_loss(
         self,
@@ -115,7 +112,8 @@ class EpicTrainer(Trainer):
         result = self.consistency(model, llava, inputs, plan, seed, num_items_in_batch)
         self._student, loss, ce, kd = result.student, result.loss, result.ce, result.kd
         local = float(num_items_in_batch) / max(result.rows, 1) if num_items_in_batch is not None else 1.0
-        self._record(plan, ce=ce.item() * local, kd=kd.item() * local)  # logged as this micro-batch's means
+        losses = {"ce": ce.item() * local} | ({"kd": kd.item() * local} if self.consistency.alpha > 0 else {})
+        self._record(plan, **losses)  # logged as this micro-batch's means (no KD without a teacher pass)
         loss = self._scale_for_devices(loss, num_items_in_batch)
         return (loss, {"logits": result.student_rows}) if return_outputs else loss
 

@@ -39,6 +39,7 @@ QUESTION_TYPES = ("colour", "shape", "count", "exists", "relation", "choice")
 POPE_SPLITS = ("random", "popular", "adversarial")
 LETTERS = "ABCD"
 MAX_COUNT_ANSWER = 3
+CAPTION_STYLES = ("objects", "places")
 CAPTION_REQUEST = "Describe the image."  # the caption rows' question (LLaVA's plain template ignores it)
 
 
@@ -77,6 +78,7 @@ class SynthConfig:
     questions_per_scene: int = 3
     question_types: tuple[str, ...] = QUESTION_TYPES  # drawn in turn
     multi_turn_train: bool = False  # the train split asks each scene's questions in one conversation
+    caption_style: str = "objects"  # objects: "a red circle at the top left, ..."; places: "top left: red circle; ..."
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,6 +87,8 @@ class SynthConfig:
             raise ValueError(
                 f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {self.question_types}"
             )
+        if self.caption_style not in CAPTION_STYLES:
+            raise ValueError(f"caption_style must be one of {CAPTION_STYLES}, got {self.caption_style!r}")
 
 
 def position_name(row: int, column: int, grid: int) -> str:
@@ -245,8 +249,15 @@ def ask(
     raise ValueError(f"unknown question type {kind!r}; choose one of {QUESTION_TYPES}")
 
 
-def caption(scene: Scene, grid: int) -> str:
-    """A sentence listing every shape and where it is (the caption set for projector pre-training)."""
+def caption(scene: Scene, grid: int, style: str = "objects") -> str:
+    """A sentence listing every shape and where it is (the caption set for projector pre-training).
+
+    `objects` names each shape, then its place; `places` names each place, then what it holds ("top left: red
+    circle; center: blue square."), so the place is read before the shape, as a question about a place asks.
+    """
+    if style == "places":
+        parts = [f"{position_name(shape.row, shape.column, grid)}: {shape.name}" for shape in scene.shapes]
+        return "; ".join(parts) + "."
 
     def article(word: str) -> str:
         return "an" if word[0] in "aeiou" else "a"
@@ -330,7 +341,7 @@ def _captions(n: int, config: SynthConfig, rng: np.random.Generator, out_dir: Pa
                 "image": relative,
                 "conversations": [
                     {"from": "human", "value": f"<image>\n{CAPTION_REQUEST}"},
-                    {"from": "gpt", "value": caption(scene, config.grid)},
+                    {"from": "gpt", "value": caption(scene, config.grid, config.caption_style)},
                 ],
             }
         )
@@ -370,6 +381,7 @@ def vocabulary_texts(config: SynthConfig) -> list[str]:
         "What shape is at the ? Answer with one word.",
         "What shape is at the ? Answer with the option's letter from the given choices directly.",
         "There is a an at the , and .",
+        ": ; .",
         CAPTION_REQUEST,
     ]
     return words + phrases

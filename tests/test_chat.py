@@ -306,10 +306,10 @@ def test_an_image_with_too_many_pixels_is_refused_before_decoding(tmp_path):
         open_image(tmp_path / "bomb.png", max_bytes=2**20)
 
 
-def test_default_demo_model_prefers_tcd_then_base(tmp_path):
+def test_default_demo_model_prefers_tcd_then_stage1_then_base(tmp_path):
     with pytest.raises(ChatError, match="run `epic demo` first, or pass a LLaVA model folder"):
         default_demo_model(tmp_path)
-    for name in ("base", "tcd"):
+    for name in ("base", "stage1", "tcd"):
         (tmp_path / "models" / name).mkdir(parents=True)
         (tmp_path / "models" / name / "config.json").write_text("{}")
         assert default_demo_model(tmp_path) == tmp_path / "models" / name

@@ -31,7 +31,7 @@ from epic.data.templates import IMAGE_PLACEHOLDER, REPLY_SENTINEL, Template, Tur
 from epic.eval.cost import measured_cache_bytes
 
 FULL = "none"  # the method name for no compression (every visual token kept)
-DEMO_MODELS = ("tcd", "base")  # what `epic demo` saves under <root>/models/, in order of preference
+DEMO_MODELS = ("tcd", "stage1", "base")  # what `epic demo` saves under <root>/models/, in order of preference
 # what `open_image` reads: common raster formats only (never EPS, which Pillow hands to Ghostscript, nor rarer decoders)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers multi-picture JPEGs (MPO)
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb warning level (it refuses only at twice that)
@@ -119,7 +119,7 @@ def open_image(source: Path | str, max_bytes: int | None = None) -> Image.Image:
 
 
 def default_demo_model(root: Path = Path("epic-demo")) -> Path:
-    """The model `epic demo` trained under `root`: `models/tcd`, else `models/base`; a clear error otherwise."""
+    """The model `epic demo` trained under `root`: `models/tcd`, else its stage-1 or base model; else an error."""
     for name in DEMO_MODELS:
         folder = Path(root) / "models" / name
         if (folder / "config.json").is_file():

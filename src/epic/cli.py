@@ -13,7 +13,8 @@ from epic.models.tiny import PRESETS
 def _demo(args: argparse.Namespace) -> int:
     from epic.demo import demo_config, run_demo, run_kd_demo
 
-    config = demo_config(quick=args.quick, seed=args.seed, workers=args.workers)
+    from_base = args.from_base or args.kd  # the LLaVA-KD teacher is the converged base
+    config = demo_config(quick=args.quick, seed=args.seed, from_base=from_base, workers=args.workers)
     (run_kd_demo if args.kd else run_demo)(config, Path(args.out))
     return 0
 
@@ -273,7 +274,9 @@ def _train_help() -> str:
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     """MODEL and the options `epic chat` and `epic web` share."""
     parser.add_argument(
-        "model", nargs="?", help="a LLaVA folder (default: the model `epic demo` trained, epic-demo/models/tcd or base)"
+        "model",
+        nargs="?",
+        help="a LLaVA folder (default: what `epic demo` trained, epic-demo/models/tcd, stage1 or base)",
     )
     parser.add_argument("--template", help="chat template (default: the one stored with the model, or its own)")
     parser.add_argument("--layer", type=int, default=2, help="K, the first decoder layer that sees the kept tokens")
@@ -288,18 +291,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="the EPIC experiment in miniature: train, compress, distil, evaluate and cost a tiny LLaVA",
-        description="Draw the built-in shapes set, train a tiny LLaVA at full tokens, then SFT, direct SFT at the "
-        "N/9 budget, TCD and LCD from it; evaluate every model with every method at every budget, measure the cost, "
-        "and write report.md with the tables, plots and settings. Finished stages are reused from --out.",
+        description="Draw the built-in shapes set; stage 1: a tiny LLaVA learns to see and to speak at full tokens "
+        "(captions and shape questions); stage 2, from it, every arm learns the scored colour question: SFT at full "
+        "tokens, direct training at the N/9 budget, TCD, TCD without distillation and LCD; evaluate every model "
+        "with every method at every budget, measure the cost, and write report.md with the tables, plots and "
+        "settings. Finished stages are reused from --out.",
     )
-    demo.add_argument("--out", default="epic-demo", help="output folder (the base model is cached there)")
+    demo.add_argument("--out", default="epic-demo", help="output folder (the stage-1 model is cached there)")
     demo.add_argument("--quick", action="store_true", help="the same pipeline, small everywhere (a few minutes)")
-    demo.add_argument("--seed", type=int, default=0, help="data, base model and first fine-tuning seed")
+    demo.add_argument("--seed", type=int, default=0, help="data, stage-1 model and first stage-2 seed")
+    demo.add_argument(
+        "--from-base",
+        action="store_true",
+        help="the earlier experiment instead: a base trained on the scored question itself, then 300-step "
+        "fine-tunes of it (the base is cached in OUT/models/base)",
+    )
     demo.add_argument("--workers", type=int, default=2, help="processes, one thread each (default: two cores)")
     demo.add_argument(
         "--kd",
         action="store_true",
-        help="LLaVA-KD's ablation instead: a small student with and without distillation from the base model "
+        help="LLaVA-KD's ablation instead: a small student with and without distillation from the --from-base model "
         "(PT-SFT against DPT-SFT-DFT), reported in OUT/kd/kd-report.md",
     )
     demo.set_defaults(run=_demo)

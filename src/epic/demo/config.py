@@ -14,6 +14,7 @@ from epic.models.tiny import TinyLlavaSpec
 
 PAPER_BUDGETS = (576, 192, 128, 64, 36)
 HEADLINE_BUDGET = 64  # of 576: the paper's main comparison
+LOW_BUDGET = 36  # of 576: the smallest, where the paper finds training pays the most
 
 
 def scaled_budget(image_tokens: int, paper_budget: int) -> int:
@@ -28,24 +29,37 @@ def scaled_budgets(image_tokens: int) -> list[int]:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Every setting of a demo run; `report.md` records it whole."""
+    """Every setting of a demo run; `report.md` records it whole.
 
-    seed: int = 0  # data, the base model's initialisation and training
-    fine_tune_seeds: int = 2  # the headline comparison is trained with seeds seed, seed+1, ...
+    Two stages, as LLaVA-1.5's: stage 1 (the stand-in for the projector's pretraining on top of a pretrained LLM)
+    teaches the tiny model to see and to speak at full tokens on captions and a question type other than the
+    scored one, once, cached; stage 2 (instruction tuning) teaches the scored question, under each arm's
+    compression, from that one checkpoint. `from_base` (`epic demo --from-base`) is the earlier experiment instead:
+    stage 1 learns the scored question itself and stage 2 only fine-tunes a converged base.
+    """
+
+    seed: int = 0  # data, the stage-1 model's initialisation and training, the first stage-2 seed
+    seeds: int = 3  # the headline arms (direct, TCD, TCD without KD) are trained with seeds seed, seed+1, ...
+    from_base: bool = False
     # the built-in data
     image_size: int = 48
     patch_size: int = 6
     grid: int = 3
     min_shapes: int = 3
     max_shapes: int = 7
-    # the colour of the shape at a named place: every question needs one region of the image, and which one is
-    # known only from the question, so a budget that drops that region costs the answer (see docs/demo.md for
-    # why the other types are left out: a model this small learns each type in turn, too slowly for the budget)
+    # the scored question, the colour of the shape at a named place: every question needs one region of the image,
+    # and which one is known only from the question, so a budget that drops that region costs the answer (see
+    # docs/demo.md for why one type: a model this small learns each type in turn)
     question_types: tuple[str, ...] = ("colour",)
     multi_turn: bool = False  # True: each scene's questions as one conversation (slower to learn, measured)
-    n_train: int = 24000  # questions
-    n_captions: int = 0  # captions ("Describe the image.") mixed into the base model's data
+    n_train: int = 24000  # stage-2 questions
     n_test: int = 2000
+    # stage 1: what the model learns before stage 2 (its own scenes, drawn with seed + STAGE1_SEED_OFFSET)
+    stage1_types: tuple[str, ...] = ("shape",)  # the kind of the shape at a named place: seeing places, not colour
+    stage1_questions: int = 12000
+    stage1_captions: int = 12000  # "top left: red circle; center: blue square."
+    caption_style: str = "places"
+    stage1_test: int = 1000
     # the model: a one-layer CLIP tower (its patch embedding is the visual feature), a Llama decoder
     hidden_size: int = 64
     num_layers: int = 6
@@ -54,13 +68,16 @@ class DemoConfig:
     template: str = "chatml"
     # training
     batch_size: int = 32
-    base_steps: int = 4000
-    base_lr: float = 3e-3
-    base_schedule: str = "constant_with_warmup"  # the place-keyed answers form late: the rate must not decay first
+    stage1_steps: int = 3000
+    stage1_lr: float = 3e-3
+    stage1_schedule: str = "constant_with_warmup"  # the place-keyed answers form late: the rate must not decay first
     warmup_ratio: float = 0.03
     adam_beta2: float = 0.98  # a short memory for a small model's fast-changing gradients
-    extra_steps: int = 300  # every comparison model continues from the base for this many steps
-    extra_lr: float = 1e-3
+    stage2_steps: int = 600  # every arm trains this many steps from the stage-1 model
+    stage2_lr: float = 1e-3
+    stage2_schedule: str = "constant_with_warmup"
+    hold: float = 0.3  # TCD and LCD reach the target budget / layer at 1 - hold of stage 2 and train there after
+    tcd_r_max_start: float | None = 0.3  # TCD's student ratio starts in [0.1, this], ends at the target (None: preset)
     methods: tuple[str, ...] = ("dart", "fastv", "random")
     train_method: str = "dart"
     workers: int = 2  # processes, one thread each
@@ -86,8 +103,13 @@ class DemoConfig:
 
     @property
     def target_tokens(self) -> int:
-        """The headline budget: 64 of 576 mapped onto N (N/9)."""
+        """The training budget: 64 of 576 mapped onto N (N/9)."""
         return scaled_budget(self.image_tokens, HEADLINE_BUDGET)
+
+    @property
+    def headline_budgets(self) -> list[int]:
+        """The headline's budgets: N/9 (the training budget) and N/16 (the paper's "low ROI" region)."""
+        return [self.target_tokens, scaled_budget(self.image_tokens, LOW_BUDGET)]
 
     def spec(self) -> TinyLlavaSpec:
         return TinyLlavaSpec(
@@ -122,12 +144,18 @@ class DemoConfig:
             "spec": asdict(self.kd_student_spec()),
         }
 
+    @property
+    def stage1_name(self) -> str:
+        """The stage-1 model's folder under `models/`: `base` for `--from-base`, else `stage1`."""
+        return "base" if self.from_base else "stage1"
+
     def synth(self) -> SynthConfig:
+        """The stage-2 data: the scored questions (train and test)."""
         return SynthConfig(
             n_train=self.n_train,
             n_val=0,
             n_test=self.n_test,
-            n_captions=self.n_captions,
+            n_captions=0,
             image_size=self.image_size,
             grid=self.grid,
             min_shapes=self.min_shapes,
@@ -138,27 +166,61 @@ class DemoConfig:
             seed=self.seed,
         )
 
-    def base_key(self) -> dict[str, Any]:
-        """Everything the base model depends on: a cached base is reused only when this matches."""
-        keys = ("seed", "image_size", "patch_size", "grid", "min_shapes", "max_shapes", "question_types", "n_train")
-        keys += ("multi_turn", "n_captions")
-        keys += ("hidden_size", "num_layers", "num_heads", "template", "batch_size", "base_steps", "base_lr")
-        keys += ("base_schedule", "warmup_ratio", "adam_beta2")
+    def stage1_synth(self) -> SynthConfig:
+        """The stage-1 data: captions and the stage-1 question types, on scenes of their own."""
+        return replace(
+            self.synth(),
+            n_train=self.stage1_questions,
+            n_test=self.stage1_test,
+            n_captions=self.stage1_captions,
+            caption_style=self.caption_style,
+            questions_per_scene=len(self.stage1_types),
+            question_types=self.stage1_types,
+            multi_turn_train=False,
+            seed=self.seed + STAGE1_SEED_OFFSET,
+        )
+
+    def stage1_key(self) -> dict[str, Any]:
+        """Everything the stage-1 model depends on: a cached one is reused only when this matches."""
+        keys = ("seed", "from_base", "image_size", "patch_size", "grid", "min_shapes", "max_shapes", "question_types")
+        keys += ("n_train", "multi_turn", "stage1_types", "stage1_questions", "stage1_captions", "caption_style")
+        keys += ("hidden_size", "num_layers", "num_heads", "template", "batch_size", "stage1_steps", "stage1_lr")
+        keys += ("stage1_schedule", "warmup_ratio", "adam_beta2")
         return {key: getattr(self, key) for key in keys} | {"workers": self.workers, "spec": asdict(self.spec())}
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+STAGE1_SEED_OFFSET = 1000  # stage 1 draws its own scenes: no stage-2 image is seen before stage 2
+
+# `epic demo --from-base`: the earlier experiment, every arm a short fine-tune of a base that already answers the
+# scored question at full tokens (stage 1 trains on the stage-2 questions themselves, 4,000 steps)
+FROM_BASE = {
+    "from_base": True,
+    "seeds": 2,
+    "stage1_types": ("colour",),
+    "stage1_captions": 0,
+    "stage1_steps": 4000,
+    "stage2_steps": 300,
+    "stage2_lr": 1e-3,
+    "stage2_schedule": "cosine",
+    "hold": 0.0,
+    "tcd_r_max_start": None,
+}
+
 QUICK = {
-    "fine_tune_seeds": 1,
+    "seeds": 1,
     "n_train": 1500,
     "n_test": 200,
+    "stage1_questions": 600,
+    "stage1_captions": 600,
+    "stage1_test": 100,
     "hidden_size": 32,
     "num_layers": 4,
     "batch_size": 16,
-    "base_steps": 60,
-    "extra_steps": 20,
+    "stage1_steps": 60,
+    "stage2_steps": 20,
     "pictures": 1,
     "kd_student_hidden": 16,
     "kd_pt_steps": 5,
@@ -167,7 +229,8 @@ QUICK = {
 }
 
 
-def demo_config(quick: bool = False, seed: int = 0, **overrides: Any) -> DemoConfig:
-    """The full demo's settings, or `--quick`'s (the same pipeline, smaller everywhere)."""
-    config = DemoConfig(seed=seed)
-    return replace(config, **((QUICK if quick else {}) | overrides))
+def demo_config(quick: bool = False, seed: int = 0, from_base: bool = False, **overrides: Any) -> DemoConfig:
+    """The full demo's settings, or `--quick`'s (the same pipeline, smaller everywhere); `from_base` gives the
+    earlier fine-tune-a-converged-base experiment."""
+    preset = (FROM_BASE if from_base else {}) | (QUICK if quick else {})
+    return replace(DemoConfig(seed=seed), **(preset | overrides))

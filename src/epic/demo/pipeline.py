@@ -1,18 +1,20 @@
 """`epic demo`: the paper's experiment in miniature on the built-in data.
 
 Stages, each skipped when its result is already in the output folder (so an interrupted demo, or a second run
-that only changes the comparison, picks up where it stopped):
+that only changes stage 2, picks up where it stopped):
 
-1. draw the shapes set and build a tiny LLaVA from a config;
-2. train the base model at full tokens (cached in `models/base`, keyed by every setting it depends on);
-3. from the base, train every comparison model with the same steps and data: SFT at full tokens, direct SFT at
-   the N/9 budget, TCD and LCD with DART, for each fine-tuning seed;
-4. evaluate every model with every method at every budget, the base on blank images (the control), the cost of
-   each budget, and the kept tokens on a few test images;
+1. draw the shapes set (the scored questions for stage 2, captions and other questions for stage 1) and build a
+   tiny LLaVA from a config;
+2. stage 1 at full tokens: the model learns to see and to speak (cached in `models/stage1`, keyed by every setting
+   it depends on); it must still be weak on the scored question;
+3. stage 2 from that one checkpoint, every arm with the same data, steps, rate schedule and seeds: SFT at full
+   tokens, direct training at the N/9 budget, TCD, TCD without distillation (alpha = 0) and LCD, with DART;
+4. evaluate every model with every method at every budget, the stage-1 model on its own questions, the SFT model
+   on blank images (the control), the cost of each budget, and the kept tokens on a few test images;
 5. write `report.md` (see `epic.demo.report`).
 
 Training and evaluation run as `epic train` / `epic eval` subprocesses, `workers` at a time with one thread each:
-the two cores of a laptop-class machine are used by two processes (the base model by DDP over them).
+the two cores of a laptop-class machine are used by two processes (stage 1 by DDP over them).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from epic.demo.config import DemoConfig
 from epic.models.factory import build_tiny_llava_with_processor, save_llava
 from epic.train.run import LOG_FILE
 
-COMPARISONS = ("sft", "direct", "tcd", "lcd")  # the models trained from the base, in the paper's table order
-BASE_KEY_FILE = "demo-base.json"
+ARMS = ("sft", "direct", "tcd", "tcd-nokd", "lcd")  # stage 2, in the report's order
+HEADLINE_ARMS = ("direct", "tcd", "tcd-nokd")  # trained with `config.seeds` seeds; the others with the first
+STAGE1_KEY_FILE = "demo-stage1.json"
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,17 @@ def run_jobs(jobs: list[Job], workers: int, logs: Path, description: str) -> Non
 
     def run(job: Job) -> Job:
         log = logs / f"{job.name}.log"
+        errors = logs / f"{job.name}.stderr.log"  # a job showing its progress: its stderr, also kept here
         with open(log, "w") as out:
-            errors = None if job.show_progress else subprocess.STDOUT
-            result = subprocess.run(job.command, stdout=out, stderr=errors, env=_environment())
-        if result.returncode != 0 or not job.produces.exists():
-            tail = "\n".join(log.read_text().splitlines()[-25:])
-            raise RuntimeError(f"{description}: {job.name} failed (exit {result.returncode}); log {log}:\n{tail}")
+            if job.show_progress:
+                returncode = _tee_stderr(job.command, out, errors)
+            else:
+                returncode = subprocess.run(job.command, stdout=out, stderr=subprocess.STDOUT, env=_environment())
+                returncode = returncode.returncode
+        if returncode != 0 or not job.produces.exists():
+            shown = errors if job.show_progress else log
+            tail = "\n".join(shown.read_text(errors="replace").splitlines()[-25:])
+            raise RuntimeError(f"{description}: {job.name} failed (exit {returncode}); log {shown}:\n{tail}")
         return job
 
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=description, unit="run")
@@ -80,6 +88,17 @@ def run_jobs(jobs: list[Job], workers: int, logs: Path, description: str) -> Non
             bar.set_postfix_str(future.result().name)
             bar.update(1)
     bar.close()
+
+
+def _tee_stderr(command: list[str], out, errors: Path) -> int:
+    """Run `command` with stdout into `out` and stderr both to the terminal (its progress bar) and to `errors`."""
+    with open(errors, "wb") as kept:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.PIPE, env=_environment())
+        for chunk in iter(lambda: process.stderr.read1(4096), b""):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            kept.write(chunk)
+        return process.wait()
 
 
 def epic_command(*arguments: str) -> list[str]:
@@ -114,91 +133,146 @@ def train_options(config: DemoConfig, data: Path, output_dir: Path, seed: int, *
 
 
 def prepare_data(config: DemoConfig, out: Path) -> Path:
-    """The shapes set in `out/data` (drawn again only if its settings changed), the base model's training mix
-    (questions and captions) and a blank image for the control."""
+    """The shapes set in `out/data` (drawn again only if its settings changed): the scored questions, stage 1's
+    own set in `data/stage1` (or, `--from-base`, the scored training questions shuffled) and a blank image for
+    the control."""
     data = out / "data"
-    wanted = config.synth().__dict__ | {"question_types": list(config.question_types)}
-    settings = data / "synth_config.json"
-    if not settings.is_file() or json.loads(settings.read_text()) != wanted:
-        if data.exists():
-            shutil.rmtree(data)
-        write_synthetic(data, config.synth())
+    _draw(data, config.synth(), keep=("stage1",))
+    if config.from_base:
+        mixed = data / "base_train.json"
+        if not mixed.is_file():
+            rows = json.loads((data / "train.json").read_text())
+            random.Random(config.seed).shuffle(rows)
+            mixed.write_text(json.dumps(rows, indent=1))
+    else:
+        stage1 = data / "stage1"
+        _draw(stage1, config.stage1_synth())
+        mixed = stage1 / "mix.json"
+        if not mixed.is_file():
+            rows = json.loads((stage1 / "train.json").read_text()) + json.loads((stage1 / "captions.json").read_text())
+            random.Random(config.seed).shuffle(rows)
+            mixed.write_text(json.dumps(rows, indent=1))
     blank = data / "images" / "blank.png"
     if not blank.is_file():
         Image.new("RGB", (config.image_size, config.image_size), (222, 222, 222)).save(blank)
         rows = json.loads((data / "test.json").read_text())
         (data / "blank.json").write_text(json.dumps([row | {"image": "blank.png"} for row in rows], indent=1))
-    mixed = data / "base_train.json"
-    if not mixed.is_file():
-        rows = json.loads((data / "train.json").read_text()) + json.loads((data / "captions.json").read_text())
-        random.Random(config.seed).shuffle(rows)
-        mixed.write_text(json.dumps(rows, indent=1))
     return data
 
 
-def train_base(config: DemoConfig, data: Path, out: Path) -> Path:
-    """The base model ("LLaVA-1.5" row): SFT at full tokens from random weights, tower and all. Cached."""
-    base = out / "models" / "base"
-    key = as_json(config.base_key())
-    if (base / BASE_KEY_FILE).is_file() and json.loads((base / BASE_KEY_FILE).read_text()) == key:
-        print(f"base model: reusing {base} (its settings match)")
-        return base
-    if base.exists():
-        shutil.rmtree(base)
+def _draw(folder: Path, synth, keep: tuple[str, ...] = ()) -> None:
+    """Draw `synth` into `folder` unless the settings recorded there match; `keep` names sub-folders to leave."""
+    wanted = as_json(synth.__dict__)
+    settings = folder / "synth_config.json"
+    if settings.is_file() and json.loads(settings.read_text()) == wanted:
+        return
+    if folder.exists():
+        for entry in folder.iterdir():
+            if entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    write_synthetic(folder, synth)
+
+
+def stage1_files(config: DemoConfig, data: Path) -> tuple[Path, Path, Path]:
+    """(training file, image folder, test file) of stage 1."""
+    if config.from_base:
+        return data / "base_train.json", data / "images", data / "test.json"
+    return data / "stage1" / "mix.json", data / "stage1" / "images", data / "stage1" / "test.json"
+
+
+def train_stage1(config: DemoConfig, data: Path, out: Path) -> Path:
+    """The stage-1 model: SFT at full tokens from random weights, tower and all, on stage 1's data. Cached."""
+    model_dir = out / "models" / config.stage1_name
+    key = as_json(config.stage1_key())
+    if (model_dir / STAGE1_KEY_FILE).is_file() and json.loads((model_dir / STAGE1_KEY_FILE).read_text()) == key:
+        print(f"stage 1: reusing {model_dir} (its settings match)")
+        return model_dir
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
     init = out / "models" / "init"
     model, processor = build_tiny_llava_with_processor(vocabulary_texts(config.synth()), config.spec(), config.seed)
     save_llava(model, processor, init, config.template)
-    run_dir = out / "runs" / "base"
+    run_dir = out / "runs" / config.stage1_name
+    train_file, images, _ = stage1_files(config, data)
     options = train_options(
         config,
         data,
         run_dir,
         config.seed,
         model=init,
-        train_file=data / "base_train.json",  # the questions and the captions, shuffled
+        train_file=train_file,
+        image_folder=images,
         mode="sft",
         freeze_vision_tower=False,
-        max_steps=config.base_steps,
-        learning_rate=config.base_lr,
-        lr_scheduler_type=config.base_schedule,
+        max_steps=config.stage1_steps,
+        learning_rate=config.stage1_lr,
+        lr_scheduler_type=config.stage1_schedule,
         per_device_train_batch_size=config.batch_size // config.workers,
-        ddp_backend="gloo",
         disable_tqdm=False,
+        **({"ddp_backend": "gloo"} if config.workers > 1 else {}),
     )
     if config.workers > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.workers}"]
         command = [*launcher, "-m", "epic.cli", "train", *options]
     else:
         command = epic_command("train", *options)
-    print(f"base model: {config.base_steps} steps at full tokens on {config.workers} process(es); log in {out}/logs")
-    run_jobs([Job("base", command, run_dir / "final", show_progress=True)], 1, out / "logs", "base model")
-    shutil.move(run_dir / "final", base)
-    (base / BASE_KEY_FILE).write_text(json.dumps(key, indent=1))
-    return base
+    print(f"stage 1: {config.stage1_steps} steps at full tokens on {config.workers} process(es); log in {out}/logs")
+    run_jobs([Job(config.stage1_name, command, run_dir / "final", show_progress=True)], 1, out / "logs", "stage 1")
+    shutil.move(run_dir / "final", model_dir)
+    (model_dir / STAGE1_KEY_FILE).write_text(json.dumps(key, indent=1))
+    return model_dir
 
 
-def comparison_jobs(config: DemoConfig, data: Path, out: Path, base: Path) -> list[Job]:
-    """SFT (full), direct SFT at N/9, TCD and LCD from the base: same steps, data and learning rate, per seed."""
+def arm_options(config: DemoConfig, arm: str) -> dict[str, object]:
+    """What an arm changes in stage 2: its mode, budget and schedules (everything else is shared)."""
+    if arm == "sft":
+        return {"mode": "sft"}
+    options: dict[str, object] = {"tokens": config.target_tokens, "method": config.train_method, "layer": config.layer}
+    if arm == "direct":
+        return options | {"mode": "sft"}
+    options |= {"schedule_hold": config.hold}
+    if arm == "lcd":
+        return options | {"mode": "lcd"}
+    if config.hold > 0:  # the held part trains at the target itself, not in a range below it
+        options["r_min_end"] = 1.0 - config.target_tokens / config.image_tokens
+    if config.tcd_r_max_start is not None:
+        options["r_max_start"] = config.tcd_r_max_start
+    if arm == "tcd-nokd":
+        options["alpha"] = 0.0
+    return options | {"mode": "tcd"}
+
+
+def arm_runs(config: DemoConfig) -> list[tuple[str, str, int]]:
+    """(model name, arm, seed) of every stage-2 run: the headline arms on every seed, the others on the first."""
+    runs = []
+    for index in range(config.seeds):
+        for arm in ARMS:
+            if index == 0 or arm in HEADLINE_ARMS:
+                runs.append((model_name(arm, index), arm, config.seed + index))
+    return runs
+
+
+def stage2_arguments(config: DemoConfig, data: Path, out: Path, stage1: Path, name: str, arm: str, seed: int):
+    """The `epic train` options of one stage-2 run."""
+    return train_options(
+        config,
+        data,
+        out / "runs" / name,
+        seed,
+        model=stage1,
+        max_steps=config.stage2_steps,
+        learning_rate=config.stage2_lr,
+        lr_scheduler_type=config.stage2_schedule,
+        **arm_options(config, arm),
+    )
+
+
+def stage2_jobs(config: DemoConfig, data: Path, out: Path, stage1: Path) -> list[Job]:
+    """Every arm from the stage-1 model: same steps, data, rate schedule and seeds."""
     jobs = []
-    for index in range(config.fine_tune_seeds):
-        seed = config.seed + index
-        for kind in COMPARISONS:
-            name = model_name(kind, index)
-            options: dict[str, object] = {"mode": "sft" if kind in ("sft", "direct") else kind}
-            if kind != "sft":
-                options |= {"tokens": config.target_tokens, "method": config.train_method, "layer": config.layer}
-            run_dir = out / "runs" / name
-            arguments = train_options(
-                config,
-                data,
-                run_dir,
-                seed,
-                model=base,
-                max_steps=config.extra_steps,
-                learning_rate=config.extra_lr,
-                **options,
-            )
-            jobs.append(Job(name, epic_command("train", *arguments), run_dir / "final"))
+    for name, arm, seed in arm_runs(config):
+        arguments = stage2_arguments(config, data, out, stage1, name, arm, seed)
+        jobs.append(Job(name, epic_command("train", *arguments), out / "runs" / name / "final"))
     return jobs
 
 
@@ -216,15 +290,22 @@ def eval_job(
 
 
 def eval_jobs(config: DemoConfig, data: Path, out: Path, models: dict[str, Path]) -> list[Job]:
-    """The full grid for the first seed's models and the base; the headline budget only for other seeds."""
+    """The full grid for the stage-1 model and each arm's first seed; the headline budgets (N/9, N/16) with the
+    training method for later seeds; the stage-1 model on its own questions and the SFT model on blank images
+    (full tokens only)."""
     jobs = []
+    headline = [config.image_tokens, *config.headline_budgets]
     for name, folder in models.items():
-        headline_only = "-seed" in name
-        budgets = [config.image_tokens, config.target_tokens] if headline_only else config.budgets
-        methods = [config.train_method] if headline_only else list(config.methods)
+        later_seed = "-seed" in name
+        budgets = headline if later_seed else config.budgets
+        methods = [config.train_method] if later_seed else list(config.methods)
         jobs.append(eval_job(config, f"eval-{name}", folder, data / "test.json", out / "eval" / name, methods, budgets))
-    control = out / "eval" / "base-blank"  # full tokens only
-    jobs.append(eval_job(config, "eval-base-blank", models["base"], data / "blank.json", control, [], []))
+    stage1 = config.stage1_name
+    if not config.from_base:
+        own = stage1_files(config, data)[2]
+        jobs.append(eval_job(config, f"eval-{stage1}-own", models[stage1], own, out / "eval" / f"{stage1}-own", [], []))
+    blank = out / "eval" / "sft-blank"
+    jobs.append(eval_job(config, "eval-sft-blank", models["sft"], data / "blank.json", blank, [], []))
     return jobs
 
 
@@ -235,11 +316,11 @@ def run_demo(config: DemoConfig, out: Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(config, out)
-    base = train_base(config, data, out)
-    _forget_stale_comparisons(config, out, base)
-    jobs = comparison_jobs(config, data, out, base)
-    run_jobs(jobs, config.workers, out / "logs", "comparison models")
-    models = {"base": base}
+    stage1 = train_stage1(config, data, out)
+    _forget_stale_runs(config, out, stage1)
+    jobs = stage2_jobs(config, data, out, stage1)
+    run_jobs(jobs, config.workers, out / "logs", "stage 2")
+    models = {config.stage1_name: stage1}
     for job in jobs:
         target = out / "models" / job.name
         if not target.exists():
@@ -254,17 +335,17 @@ def as_json(value: dict) -> dict:
     return json.loads(json.dumps(value))
 
 
-def _forget_stale_comparisons(config: DemoConfig, out: Path, base: Path) -> None:
-    """Comparison models and evaluations of another configuration or another base model are deleted, never
-    reported: they are kept only while `config.json` (and the base model's settings) match this run."""
-    settings = as_json(config.as_dict()) | {"base": json.loads((base / BASE_KEY_FILE).read_text())}
+def _forget_stale_runs(config: DemoConfig, out: Path, stage1: Path) -> None:
+    """Stage-2 models and evaluations of another configuration or another stage-1 model are deleted, never
+    reported: they are kept only while `config.json` (and the stage-1 model's settings) match this run."""
+    settings = as_json(config.as_dict()) | {"stage1": json.loads((stage1 / STAGE1_KEY_FILE).read_text())}
     for volatile in ("workers", "eval_batch_size", "pictures"):
         settings.pop(volatile)
     record = out / "config.json"
     if record.is_file() and json.loads(record.read_text()) == settings:
         return
     for folder in [*(out / "runs").glob("*"), *(out / "models").glob("*"), out / "eval"]:
-        if folder.name not in ("base", "init") and folder.is_dir():
+        if folder.name not in ("stage1", "base", "init") and folder.is_dir():
             shutil.rmtree(folder)
     record.write_text(json.dumps(settings, indent=1))
 

@@ -1,0 +1,106 @@
+"""The demo report's pictures and measured cost: accuracy against kept tokens, the headline with its seeds, what
+each method keeps, and the cost of each budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from epic.data.templates import get_template
+from epic.demo.config import DemoConfig
+from epic.demo.pipeline import arm_runs
+from epic.demo.results import accuracy, mean, read_grid, stdev
+from epic.eval.bench import format_bench, run_bench, synthetic_prompt
+from epic.eval.show import draw_kept, kept_patches
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(config: DemoConfig, out: Path, names: list[str], labels: dict[str, str], path: Path) -> None:
+    """Accuracy against kept tokens: one panel per method, one line per model (first seeds)."""
+    plt = _pyplot()
+    full = config.image_tokens
+    grids = [read_grid(out, name) for name in names]
+    figure, axes = plt.subplots(
+        1, len(config.methods), figsize=(4.2 * len(config.methods), 3.8), sharey=True, squeeze=False
+    )
+    axes = axes[0]
+    for axis, method in zip(axes, config.methods, strict=True):
+        for name, grid in zip(names, grids, strict=True):
+            points = [(tokens, accuracy(grid, method, tokens, full)) for tokens in sorted(config.budgets)]
+            axis.plot(*zip(*points, strict=True), marker="o", label=labels[name])
+        axis.set_xscale("log", base=2)
+        axis.set_title(f"evaluated with {method}")
+        axis.set_xlabel("visual tokens kept per image")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[-1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_headline(config: DemoConfig, out: Path, arms: list[str], labels: dict[str, str], path: Path) -> None:
+    """Each arm at N/9 and N/16: the mean over seeds with its standard deviation, and every seed as a dot."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(9.5, 3.8), sharey=True)
+    for axis, tokens in zip(axes, config.headline_budgets, strict=True):
+        for position, arm in enumerate(arms):
+            names = [name for name, kind, _ in arm_runs(config) if kind == arm]
+            values = [accuracy(read_grid(out, n), config.train_method, tokens, config.image_tokens) for n in names]
+            axis.bar(position, mean(values), yerr=stdev(values), capsize=4, color=f"C{position}", alpha=0.7)
+            axis.scatter([position] * len(values), values, color="black", s=10, zorder=3)
+        axis.set_xticks(range(len(arms)), [labels[arm] for arm in arms], rotation=25, ha="right", fontsize=7)
+        axis.set_title(f"{config.train_method}, {tokens} of {config.image_tokens} tokens")
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def cost_table(config: DemoConfig, model_dir: Path, repeats: int = 5) -> str:
+    """FLOPs (formula), KV cache (measured and formula) and prefill time against full tokens, measured here."""
+    torch.set_num_threads(1)
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
+    inputs = synthetic_prompt(model, text_tokens=30, batch=8, seed=config.seed)
+    with torch.inference_mode():
+        rows = run_bench(
+            model, inputs, [config.train_method], config.budgets[1:], config.layer, repeats, progress=False
+        )
+    return format_bench(rows)
+
+
+def pictures(config: DemoConfig, data: Path, models: dict[str, Path], out: Path) -> list[Path]:
+    """Kept tokens of every method at N/9 on the first test images, for each of `models`."""
+    items = json.loads((data / "test.json").read_text())[: config.pictures]
+    paths = []
+    for name, folder in models.items():
+        model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+        processor = AutoProcessor.from_pretrained(folder)
+        template = get_template(config.template, processor.tokenizer)
+        for index, item in enumerate(items):
+            image, kept = kept_patches(
+                model,
+                processor,
+                template,
+                data / "images" / item["image"],
+                item["question"],
+                list(config.methods),
+                config.target_tokens,
+                config.layer,
+            )
+            path = out / f"kept-{name}-{index}.png"
+            draw_kept(image, kept).save(path)
+            paths.append(path)
+    return paths

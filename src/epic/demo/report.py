@@ -34,6 +34,7 @@ LABELS = {
 STAGE1_BAR = 90.0  # percent on the stage-1 model's own questions: it has learnt to see the places
 NEAR_CHANCE = 35.0  # percent on the scored question before stage 2 (chance: one colour in six, 16.7%)
 FEW_POINTS = 5.0  # "within a few points of full tokens"
+CLEAR_GAP = 20.0  # points between the test images and blank ones: the questions need the image
 
 
 def seed_names(config: DemoConfig, arm: str) -> list[str]:
@@ -94,9 +95,14 @@ def checks(config: DemoConfig, out: Path) -> list[str]:
         )
     sft_full = scores(config, out, "sft", full)
     blank = read_metrics(out, "sft-blank")["overall"]
+    needs = (
+        "the questions need the image"
+        if mean(sft_full) - blank >= CLEAR_GAP
+        else f"**less than {CLEAR_GAP:.0f} points apart: the questions may not need the image**"
+    )
     lines.append(
         f"- Control: the SFT model scores {blank:.1f}% on blank images against {mean(sft_full):.1f}% on the test "
-        "images (the questions need the image)."
+        f"images ({needs})."
     )
     for tokens, name in ((target, "N/9"), (low, "N/16")):
         tcd = scores(config, out, "tcd", tokens)

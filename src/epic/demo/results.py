@@ -51,9 +51,12 @@ def compare(first: list[float], second: list[float]) -> tuple[float, bool]:
 
 
 def verdict(name: str, first: list[float], other: str, second: list[float]) -> str:
-    """'TCD is ahead of direct training by 4.2 points (more than the seed spread, 2.1)', or 'within the spread'."""
+    """'TCD is ahead of direct training by 4.2 points (more than the seed spread, 2.1)', 'within the spread', or
+    'not called' for two single runs."""
     difference, called = compare(first, second)
     bound = stdev(first) + stdev(second)
+    if len(first) == 1 and len(second) == 1:
+        return f"{name} against {other}: {difference:+.1f} points (one run each: not called)"
     if not called:
         return f"{name} and {other} are within the seed spread ({difference:+.1f} points; spread {bound:.1f})"
     side = "ahead of" if difference > 0 else "behind"

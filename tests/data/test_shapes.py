@@ -149,3 +149,25 @@ def test_multi_turn_order_says_nothing_about_the_question_type(tmp_path):
 
     first = Counter(question_type(row["conversations"][0]["value"].removeprefix("<image>\n")) for row in train)
     assert len(first) == 6 and min(first.values()) > len(train) / 12  # every type opens conversations
+
+
+def test_places_captions_name_the_place_first_and_fit_their_vocabulary():
+    import numpy as np
+
+    from epic.data.shapes import caption, position_name, random_scene, vocabulary_texts
+    from epic.models.factory import build_tiny_llava_with_processor
+    from epic.models.tiny import TinyLlavaSpec
+
+    config = SynthConfig(image_size=48, caption_style="places")
+    scene = random_scene(np.random.default_rng(4), config)
+    text = caption(scene, config.grid, "places")
+    first = scene.shapes[0]
+    assert text.startswith(f"{position_name(first.row, first.column, 3)}: {first.name}") and text.endswith(".")
+    assert text.count(";") == len(scene.shapes) - 1
+    spec = TinyLlavaSpec(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=2)
+    _, processor = build_tiny_llava_with_processor(vocabulary_texts(config), spec)
+    tokenizer = processor.tokenizer
+    assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
+    assert ";" not in " ".join(vocabulary_texts(SynthConfig()))  # the objects style keeps its vocabulary
+    with pytest.raises(ValueError, match="caption_style"):
+        SynthConfig(caption_style="poem")

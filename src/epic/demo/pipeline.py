@@ -190,7 +190,8 @@ def train_stage1(config: DemoConfig, data: Path, out: Path) -> Path:
     if model_dir.exists():
         shutil.rmtree(model_dir)
     init = out / "models" / "init"
-    model, processor = build_tiny_llava_with_processor(vocabulary_texts(config.synth()), config.spec(), config.seed)
+    words = vocabulary_texts(config.synth() if config.from_base else config.stage1_synth())
+    model, processor = build_tiny_llava_with_processor(words, config.spec(), config.seed)
     save_llava(model, processor, init, config.template)
     run_dir = out / "runs" / config.stage1_name
     train_file, images, _ = stage1_files(config, data)

@@ -212,7 +212,7 @@ FROM_BASE = {
 QUICK = {
     "seeds": 1,
     "n_train": 1500,
-    "n_test": 200,
+    "n_test": 120,
     "stage1_questions": 600,
     "stage1_captions": 600,
     "stage1_test": 100,

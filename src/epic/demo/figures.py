@@ -60,7 +60,7 @@ def plot_headline(config: DemoConfig, out: Path, arms: list[str], labels: dict[s
             values = [accuracy(read_grid(out, n), config.train_method, tokens, config.image_tokens) for n in names]
             axis.bar(position, mean(values), yerr=stdev(values), capsize=4, color=f"C{position}", alpha=0.7)
             axis.scatter([position] * len(values), values, color="black", s=10, zorder=3)
-        axis.set_xticks(range(len(arms)), [labels[arm] for arm in arms], rotation=25, ha="right", fontsize=7)
+        axis.set_xticks(range(len(arms)), [labels[arm] for arm in arms], rotation=20, ha="right", fontsize=8)
         axis.set_title(f"{config.train_method}, {tokens} of {config.image_tokens} tokens")
         axis.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")

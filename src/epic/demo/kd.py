@@ -43,7 +43,7 @@ from epic.models.factory import build_tiny_llava_with_processor, save_llava
 
 ARMS = ("pt-sft", "dpt-sft-dft")
 LABELS = {
-    "teacher": "teacher (the demo's base)",
+    "teacher": "teacher (the --from-base base)",
     "pt-sft": "student, PT-SFT (no KD)",
     "dpt-sft-dft": "student, DPT-SFT-DFT (LLaVA-KD)",
 }

@@ -253,7 +253,9 @@ def arm_runs(config: DemoConfig) -> list[tuple[str, str, int]]:
     return runs
 
 
-def stage2_arguments(config: DemoConfig, data: Path, out: Path, stage1: Path, name: str, arm: str, seed: int):
+def stage2_arguments(
+    config: DemoConfig, data: Path, out: Path, stage1: Path, name: str, arm: str, seed: int
+) -> list[str]:
     """The `epic train` options of one stage-2 run."""
     return train_options(
         config,

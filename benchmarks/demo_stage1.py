@@ -12,6 +12,7 @@ reuses the stage-1 model and the data. `--parallel 2` trains two one-process see
 from __future__ import annotations
 
 import argparse
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def stage1_scores(seed: int, workers: int, out: Path) -> tuple[float, float]:
     config = demo_config(seed=seed, workers=workers)
     data = prepare_data(config, out)
     model = train_stage1(config, data, out)
+    for name in ("stage1-own", "stage1-scored"):  # scores of an earlier model in this folder are not this one's
+        shutil.rmtree(out / "eval" / name, ignore_errors=True)
     own = eval_job(config, "own", model, stage1_files(config, data)[2], out / "eval" / "stage1-own", [], [])
     scored = eval_job(config, "scored", model, data / "test.json", out / "eval" / "stage1-scored", [], [])
     run_jobs([own, scored], 1, out / "logs", f"stage 1, seed {seed}: evaluation")

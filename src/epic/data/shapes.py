@@ -381,8 +381,7 @@ def vocabulary_texts(config: SynthConfig) -> list[str]:
         "What shape is at the ? Answer with one word.",
         "What shape is at the ? Answer with the option's letter from the given choices directly.",
         "There is a an at the , and .",
+        *([": ; ."] if config.caption_style == "places" else []),  # only then: earlier tokenizers stay as they were
         CAPTION_REQUEST,
     ]
-    if config.caption_style == "places":  # only then: a tokenizer fitted before this style keeps its vocabulary
-        phrases.append(": ; .")
     return words + phrases

@@ -30,7 +30,7 @@ def test_replay_matches_what_the_trainer_logged(shapes, tmp_path):
     logged = [entry for entry in history if "kept_tokens" in entry]
     seen = budget_exposure(argv, num_layers=4, image_tokens=64, budget=7)
     assert list(seen.kept_tokens) == [entry["kept_tokens"] for entry in logged]
-    rates = learning_rates(argv)
+    rates = learning_rates(parse_recipe(None, argv)[3])
     assert rates == pytest.approx([entry["learning_rate"] for entry in logged])  # warm-up, then cosine
     assert seen.steps_at_budget == 2 and seen.first_step_at_budget == 3
     assert seen.lr_share_at_budget == pytest.approx(sum(rates[3:]) / sum(rates))

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import get_scheduler
+from transformers import TrainingArguments, get_scheduler
 
-from epic.distill import Curriculum, plan_step
+from epic.distill import plan_step
 from epic.train.config import parse_recipe
 from epic.train.run import build_curriculum
 
@@ -30,9 +30,8 @@ class Exposure:
     kept_tokens: tuple[int, ...]  # the student's kept visual tokens per image, per step
 
 
-def learning_rates(arguments: list[str]) -> list[float]:
-    """The learning rate of every optimizer step of the `epic train` run with these options."""
-    *_, training = parse_recipe(None, arguments)
+def learning_rates(training: TrainingArguments) -> list[float]:
+    """The learning rate of every optimizer step of a run with these training arguments."""
     steps = training.max_steps
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=training.learning_rate)
     scheduler = get_scheduler(
@@ -50,21 +49,16 @@ def learning_rates(arguments: list[str]) -> list[float]:
     return rates
 
 
-def run_curriculum(arguments: list[str], num_layers: int, image_tokens: int) -> tuple[Curriculum, int]:
-    """(the curriculum, the compression seed) of the `epic train` run with these options."""
-    _, _, distill, _ = parse_recipe(None, arguments)
-    return build_curriculum(distill, num_layers, image_tokens), distill.compression_seed
-
-
 def budget_exposure(arguments: list[str], num_layers: int, image_tokens: int, budget: int) -> Exposure:
     """Replay a one-process run (one micro-batch per step, stream 0) of `epic train` with `arguments`: which steps
     kept at most `budget` visual tokens per image from the curriculum's final layer on."""
-    curriculum, seed = run_curriculum(arguments, num_layers, image_tokens)
-    rates = learning_rates(arguments)
+    _, _, distill, training = parse_recipe(None, arguments)
+    curriculum = build_curriculum(distill, num_layers, image_tokens)
+    rates = learning_rates(training)
     steps = len(rates)
     kept, at_budget = [], []
     for step in range(steps):
-        plan, _ = plan_step(curriculum, seed, step, steps)
+        plan, _ = plan_step(curriculum, distill.compression_seed, step, steps)
         tokens = round(image_tokens * (1.0 - plan.student_ratio)) if plan.student_compresses else image_tokens
         kept.append(tokens)
         at_budget.append(plan.student_compresses and tokens <= budget and plan.student_layer <= curriculum.layer)

@@ -11,7 +11,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from epic.data.templates import get_template
 from epic.demo.config import DemoConfig
-from epic.demo.pipeline import arm_runs
+from epic.demo.pipeline import seed_names
 from epic.demo.results import accuracy, mean, read_grid, stdev
 from epic.eval.bench import format_bench, run_bench, synthetic_prompt
 from epic.eval.show import draw_kept, kept_patches
@@ -56,7 +56,7 @@ def plot_headline(config: DemoConfig, out: Path, arms: list[str], labels: dict[s
     figure, axes = plt.subplots(1, 2, figsize=(9.5, 3.8), sharey=True)
     for axis, tokens in zip(axes, config.headline_budgets, strict=True):
         for position, arm in enumerate(arms):
-            names = [name for name, kind, _ in arm_runs(config) if kind == arm]
+            names = seed_names(config, arm)
             values = [accuracy(read_grid(out, n), config.train_method, tokens, config.image_tokens) for n in names]
             axis.bar(position, mean(values), yerr=stdev(values), capsize=4, color=f"C{position}", alpha=0.7)
             axis.scatter([position] * len(values), values, color="black", s=10, zorder=3)

@@ -1,9 +1,9 @@
 """`epic demo --kd`: LLaVA-KD's ablation in miniature (PT-SFT against DPT-SFT-DFT) on the built-in data.
 
-The teacher is the `--from-base` model (stage 1 on the scored questions at full tokens, cached); the student
-is a narrower, shallower LLaVA
-that shares the teacher's tokenizer and, as in LLaVA-KD, its vision tower (copied, then frozen). Both arms train
-the same student from the same initialisation for the same number of steps on the same questions:
+The teacher is the `--from-base` model (stage 1 on the scored questions at full tokens, cached); the student is a
+narrower, shallower LLaVA that shares the teacher's tokenizer and, as in LLaVA-KD, its vision tower (copied, then
+frozen). Both arms train the same student from the same initialisation for the same number of steps on the same
+questions:
 
 - `pt-sft` (without KD): PT (the projector alone, cross-entropy), then SFT (projector and LLM), in two runs whose
   steps and rates match the other arm's SFT and DFT;
@@ -194,7 +194,7 @@ def write_kd_report(config: DemoConfig, kd: Path, logs: dict[str, list[dict]]) -
     sections = [
         "# epic demo --kd: LLaVA-KD's ablation in miniature",
         f"Measured on {platform.node()} ({platform.machine()}, {platform.python_version()}, torch "
-        f"{torch.__version__}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Teacher: the demo's base "
+        f"{torch.__version__}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Teacher: the --from-base "
         f"model ({config.num_layers} layers, hidden {config.hidden_size}). Student: {spec.num_layers} layers, hidden "
         f"{spec.hidden_size}, the teacher's tokenizer and (frozen) vision tower. Both arms: the same initialisation, "
         f"{config.kd_pt_steps + config.kd_sft_steps + config.kd_dft_steps} steps on the same questions. Test split: "

@@ -139,19 +139,15 @@ def prepare_data(config: DemoConfig, out: Path) -> Path:
     data = out / "data"
     _draw(data, config.synth(), keep=("stage1",))
     if config.from_base:
-        mixed = data / "base_train.json"
-        if not mixed.is_file():
-            rows = json.loads((data / "train.json").read_text())
-            random.Random(config.seed).shuffle(rows)
-            mixed.write_text(json.dumps(rows, indent=1))
+        sources = [data / "train.json"]
     else:
-        stage1 = data / "stage1"
-        _draw(stage1, config.stage1_synth())
-        mixed = stage1 / "mix.json"
-        if not mixed.is_file():
-            rows = json.loads((stage1 / "train.json").read_text()) + json.loads((stage1 / "captions.json").read_text())
-            random.Random(config.seed).shuffle(rows)
-            mixed.write_text(json.dumps(rows, indent=1))
+        _draw(data / "stage1", config.stage1_synth())
+        sources = [data / "stage1" / "train.json", data / "stage1" / "captions.json"]
+    mixed = stage1_files(config, data)[0]
+    if not mixed.is_file():  # drawn again with its folder whenever the settings change
+        rows = [row for source in sources for row in json.loads(source.read_text())]
+        random.Random(config.seed).shuffle(rows)
+        mixed.write_text(json.dumps(rows, indent=1))
     blank = data / "images" / "blank.png"
     if not blank.is_file():
         Image.new("RGB", (config.image_size, config.image_size), (222, 222, 222)).save(blank)
@@ -251,6 +247,11 @@ def arm_runs(config: DemoConfig) -> list[tuple[str, str, int]]:
             if index == 0 or arm in HEADLINE_ARMS:
                 runs.append((model_name(arm, index), arm, config.seed + index))
     return runs
+
+
+def seed_names(config: DemoConfig, arm: str) -> list[str]:
+    """The model names of `arm`'s runs, first seed first."""
+    return [name for name, kind, _ in arm_runs(config) if kind == arm]
 
 
 def stage2_arguments(

@@ -19,7 +19,7 @@ import torch
 from epic.demo.config import DemoConfig
 from epic.demo.exposure import budget_exposure
 from epic.demo.figures import cost_table, pictures, plot_accuracy, plot_headline
-from epic.demo.pipeline import ARMS, arm_runs, model_name, read_log, stage2_arguments
+from epic.demo.pipeline import ARMS, arm_runs, model_name, read_log, seed_names, stage2_arguments
 from epic.demo.results import accuracy, mean, read_grid, read_metrics, spread, verdict
 
 LABELS = {
@@ -36,10 +36,6 @@ STAGE1_BAR = 90.0  # percent on the stage-1 model's own questions: it has learnt
 NEAR_CHANCE = 35.0  # percent on the scored question before stage 2 (chance: one colour in six, 16.7%)
 FEW_POINTS = 5.0  # "within a few points of full tokens"
 CLEAR_GAP = 20.0  # points between the test images and blank ones: the questions need the image
-
-
-def seed_names(config: DemoConfig, arm: str) -> list[str]:
-    return [name for name, kind, _ in arm_runs(config) if kind == arm]
 
 
 def scores(

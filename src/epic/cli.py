@@ -251,7 +251,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _train(arguments: list[str]) -> int:
     """`epic train [RECIPE.yaml] [--key value ...]`: the options are forwarded untouched to the recipe parser."""
     from epic.train.config import parse_recipe
-    from epic.train.run import run_training
+    from epic.train.run import disconnect_processes, run_training
 
     if "--options" in arguments:
         print(_train_help())
@@ -259,6 +259,7 @@ def _train(arguments: list[str]) -> int:
     recipe = arguments[0] if arguments and not arguments[0].startswith("-") else None
     overrides = arguments[1:] if recipe else arguments
     final = run_training(*parse_recipe(recipe and Path(recipe), overrides))
+    disconnect_processes()
     print(f"final checkpoint: {final}")
     return 0
 

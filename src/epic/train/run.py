@@ -184,6 +184,14 @@ def _connect_processes(training_args: TrainingArguments) -> None:
         deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl")
 
 
+def disconnect_processes() -> None:
+    """Wait for every rank, then close the process group: a rank that exits while another is still writing the
+    final checkpoint can abort in the group's background threads ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def build_trainer(
     model_args: ModelArguments,
     data_args: DataArguments,

@@ -42,24 +42,33 @@ def test_an_interrupted_evaluation_resumes(setup, tmp_path):
     _, model, processor, items = setup
     template = get_template("vicuna_v1")
     path = tmp_path / "predictions.jsonl"
-    done = {item.item_id: "sentinel" for item in items[:5]}
-    path.write_text(
-        "".join(json.dumps({"id": key, "prediction": value}) + "\n" for key, value in done.items()) + '{"id": "torn'
-    )  # a line cut by the interruption
     calls = []
     original = model.generate
 
-    def counting(**kwargs):
+    def interrupted_after_two_batches(**kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
         calls.append(kwargs["input_ids"].shape[0])
         return original(**kwargs)
 
-    model.generate = counting
+    model.generate = interrupted_after_two_batches
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generate_answers(model, processor, template, items, path, batch_size=4, progress=False)
+    finally:
+        del model.generate
+    done = read_predictions(path)
+    assert len(done) == 8
+    with open(path, "a") as out:
+        out.write('{"id": "torn')  # a line cut by the interruption
+    calls.clear()
+    model.generate = lambda **kwargs: calls.append(kwargs["input_ids"].shape[0]) or original(**kwargs)
     try:
         predictions = generate_answers(model, processor, template, items, path, batch_size=4, progress=False)
     finally:
         del model.generate
-    assert sum(calls) == len(items) - 5
-    assert all(predictions[key] == "sentinel" for key in done)
+    assert sum(calls) == len(items) - 8
+    assert all(predictions[key] == value for key, value in done.items())
     assert len(read_predictions(path)) == len(items)
 
 
@@ -139,14 +148,16 @@ def test_grid_of_methods_and_budgets(setup, tmp_path):
     assert {path.name: path.read_text() for path in tmp_path.glob("*.jsonl")} == before
 
 
-def test_a_model_folder_that_is_not_llava_is_refused(tmp_path):
+def test_a_model_folder_that_is_not_llava_is_refused(tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(
         LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     ).save_pretrained(tmp_path / "llama")
-    with pytest.raises(SystemExit, match="not a LLaVA model"):
-        main(["eval", str(tmp_path / "llama"), "--data", str(tmp_path / "x.json")])
+    assert main(["eval", str(tmp_path / "llama"), "--data", str(tmp_path / "x.json")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"epic eval: {tmp_path / 'llama'} holds a 'llama' model, not a LLaVA model (model_type 'llava')"
+    )
 
 
 def test_answers_stop_where_the_template_ends_a_reply(setup, tmp_path, monkeypatch):

@@ -288,6 +288,8 @@ def eval_job(
     if methods:
         arguments += ["--methods", ",".join(methods), "--tokens", ",".join(str(b) for b in budgets)]
         arguments += ["--layer", str(config.layer)]
+    else:
+        arguments += ["--method", "none"]  # every visual token (`epic eval` compresses by default)
     arguments += ["--batch-size", str(config.eval_batch_size), "--max-new-tokens", "3", "--out", str(result)]
     produces = result / ("grid.json" if methods else "metrics.json")
     return Job(name, epic_command("eval", str(model), *arguments), produces)

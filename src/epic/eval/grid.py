@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from epic.data.dataset import image_token_count
+from epic.eval.provenance import recorded_settings
 from epic.eval.runner import CompressionSettings, EvalItem, generate_answers
 from epic.eval.tasks import TASKS
 
@@ -15,6 +16,7 @@ class GridRow:
     method: str  # "none" at the full budget
     tokens: int
     metrics: dict[str, object]
+    settings: dict[str, object] = field(default_factory=dict)  # what the answers were made with (provenance)
 
 
 def run_grid(
@@ -29,32 +31,29 @@ def run_grid(
     layer: int = 2,
     batch_size: int = 16,
     max_new_tokens: int = 8,
+    restart: bool = False,
 ) -> list[GridRow]:
     """Score every (method, budget); a budget equal to the image's token count is evaluated once, uncompressed.
 
-    Each pair keeps its own predictions file in `out_dir`, so an interrupted grid resumes where it stopped.
+    Each pair keeps its own predictions file (and its settings) in `out_dir`, so an interrupted grid resumes where it
+    stopped and a grid of another model or data refuses to reuse them (`restart` discards them instead).
     """
     full = image_token_count(processor)
     rows = []
     if full in budgets:
+        path = out_dir / "none.jsonl"
         predictions = generate_answers(
-            model, processor, template, items, out_dir / "none.jsonl", None, batch_size, max_new_tokens
+            model, processor, template, items, path, None, batch_size, max_new_tokens, restart=restart
         )
-        rows.append(GridRow("none", full, TASKS[task](items, predictions)))
+        rows.append(GridRow("none", full, TASKS[task](items, predictions), recorded_settings(path)))
     for method in methods:
         for tokens in (budget for budget in budgets if budget != full):
             settings = CompressionSettings(method, tokens=tokens, layer=layer)
+            path = out_dir / f"{method}-{tokens}.jsonl"
             predictions = generate_answers(
-                model,
-                processor,
-                template,
-                items,
-                out_dir / f"{method}-{tokens}.jsonl",
-                settings,
-                batch_size,
-                max_new_tokens,
+                model, processor, template, items, path, settings, batch_size, max_new_tokens, restart=restart
             )
-            rows.append(GridRow(method, tokens, TASKS[task](items, predictions)))
+            rows.append(GridRow(method, tokens, TASKS[task](items, predictions), recorded_settings(path)))
     return rows
 
 

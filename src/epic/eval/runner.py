@@ -2,7 +2,8 @@
 
 Prompts are built with the conversation template the model was trained with (exactly the segments training saw
 before a reply), left-padded into batches, and generated greedily. Every finished batch is appended to a JSONL
-predictions file and flushed to disk, so an interrupted evaluation resumes where it stopped.
+predictions file and flushed to disk, so an interrupted evaluation resumes where it stopped; the run's settings are
+recorded beside it (`epic.eval.provenance`), so that a resume reuses only answers made with the same settings.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from epic.data.encoding import encode_prompt
 from epic.data.images import load_image, prepare_image
 from epic.data.records import load_records
 from epic.data.templates import Template, Turn, reply_stop_ids
+from epic.eval.provenance import claim_predictions, run_settings
 
 
 @dataclass
@@ -110,8 +112,15 @@ def generate_answers(
     max_new_tokens: int = 16,
     image_mode: str = "pad",
     progress: bool = True,
+    restart: bool = False,
 ) -> dict[str, str]:
-    """Greedy answers for every item (id -> text), resuming from and appending to `predictions_path`."""
+    """Greedy answers for every item (id -> text), resuming from and appending to `predictions_path`.
+
+    Answers already there are reused only when they were made with the same settings (model weights, template,
+    compression, items, generation); otherwise `StaleResults` names what differs, unless `restart` discards them.
+    """
+    settings = run_settings(model, template.name, items, compression, max_new_tokens, image_mode)
+    claim_predictions(predictions_path, settings, restart)
     predictions = read_predictions(predictions_path)
     todo = [item for item in items if item.item_id not in predictions]
     tokenizer = processor.tokenizer
@@ -133,6 +142,8 @@ def generate_answers(
         if compression is not None
         else nullcontext()
     )
+    if progress and len(todo) < len(items):
+        print(f"resuming {predictions_path}: {len(items) - len(todo)} of {len(items)} answers made with these settings")
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="eval", unit="q", disable=not progress)
     with attached, open(predictions_path, "a") as out, torch.inference_mode():
         for batch in _batches(todo, batch_size):

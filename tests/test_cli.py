@@ -29,3 +29,125 @@ def test_train_help_names_every_training_mode(capsys, monkeypatch, argv):
     assert "kd-pretrain" in MODES
     for mode in MODES:
         assert mode in listed, mode
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny saved LLaVA, a picture, three evaluation rows, a folder that is no model, and a Llama folder."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.chat_helpers import save_tiny_chat
+
+    folder = tmp_path_factory.mktemp("cli")
+    save_tiny_chat(folder)
+    rows = [
+        {
+            "id": f"q{i}",
+            "image": "scene.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is the shape at the center?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        }
+        for i in range(3)
+    ]
+    (folder / "rows.json").write_text(json.dumps(rows))
+    (folder / "broken.json").write_text('[{"id": "q0",\n "image": "scene.png" "conversations": []}]')
+    (folder / "empty").mkdir()
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(folder / "llama")
+    return folder
+
+
+def eval_argv(folder, *extra: str, model: str = "model", data: str = "rows.json") -> list[str]:
+    data_args = ["--data", str(folder / data), "--images", str(folder)]
+    return ["eval", str(folder / model), *data_args, "--out", str(folder / "out"), "--restart", *extra]
+
+
+MISTAKES = {  # argv (from the saved folder) -> what the one line must say
+    "budget over the image": (lambda f: eval_argv(f, "--tokens", "100"), "epic eval: ", "larger than the image"),
+    "unknown method": (lambda f: eval_argv(f, "--method", "nope"), "epic eval: ", "unknown compression method 'nope'"),
+    "layer out of range": (lambda f: eval_argv(f, "--layer", "9"), "epic eval: ", "layer must be an integer in [1, 3]"),
+    "ratio out of range": (lambda f: eval_argv(f, "--ratio", "1.5"), "epic eval: ", "ratio must lie in [0, 1)"),
+    "tokens not a number": (lambda f: eval_argv(f, "--tokens", "seven"), "epic eval: ", "--tokens takes whole numbers"),
+    "budget with none": (lambda f: eval_argv(f, "--method", "none", "--tokens", "7"), "epic eval: ", "drop --tokens"),
+    "missing data": (lambda f: eval_argv(f, data="nothere.json"), "epic eval: ", "nothere.json: no such file"),
+    "missing model": (lambda f: eval_argv(f, model="nothere"), "epic eval: ", "nothere: no such model folder"),
+    "not a model folder": (lambda f: eval_argv(f, model="empty"), "epic eval: ", "has no config.json"),
+    "not a LLaVA model": (lambda f: eval_argv(f, model="llama"), "epic eval: ", "holds a 'llama' model, not a LLaVA"),
+    "missing images": (
+        lambda f: ["eval", str(f / "model"), "--data", str(f / "rows.json"), "--out", str(f / "out"), "--restart"],
+        "epic eval: ",
+        "3 problem(s), the first: item 0 (id q0): missing image",
+    ),
+    "grid without budgets": (lambda f: eval_argv(f, "--methods", "dart"), "epic eval: ", "needs --tokens"),
+    "show: missing image": (lambda f: ["show", str(f / "nothere.png")], "epic show: ", "nothere.png: no such file"),
+    "show: budget over the image": (
+        lambda f: [
+            "show",
+            str(f / "scene.png"),
+            "--model",
+            str(f / "model"),
+            "--tokens",
+            "100",
+            "--out",
+            str(f / "k.png"),
+        ],
+        "epic show: ",
+        "larger than the image",
+    ),
+    "bench: tokens not numbers": (lambda f: ["bench", "--tokens", "a,b"], "epic bench: ", "whole numbers"),
+    "data check: missing file": (lambda f: ["data", "check", str(f / "nothere.json")], "epic data: ", "no such file"),
+    "chat: missing model": (
+        lambda f: ["chat", str(f / "nothere"), "--image", str(f / "scene.png")],
+        "epic chat: ",
+        "no such model folder",
+    ),
+    "web: remote host": (lambda f: ["web", "--host", "0.0.0.0"], "epic web: ", "add --allow-remote"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_an_ordinary_mistake_is_one_line_naming_it_and_exit_status_2(saved, capsys, mistake):
+    make_argv, prefix, says = MISTAKES[mistake]
+    assert main(make_argv(saved)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # earlier lines can only be progress bars (loading weights)
+    assert last.startswith(prefix) and says in last, last
+    assert all("it/s" in line or "%|" in line for line in err.strip().splitlines()[:-1])
+
+
+def test_data_check_keeps_the_json_errors_line_and_column(saved, capsys):
+    assert main(["data", "check", str(saved / "broken.json")]) == 1
+    out = capsys.readouterr().out
+    assert "line 2: malformed JSON: Expecting ',' delimiter (column 23)" in out  # after "scene.png"
+
+
+def test_debug_shows_the_traceback_instead(saved):
+    with pytest.raises(ValueError, match="no such file"):
+        main(["--debug", "data", "check", str(saved / "nothere.json")])
+
+
+def test_version_and_defaults_in_help(capsys, monkeypatch):
+    from epic import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"epic {__version__}"
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    listed = " ".join(capsys.readouterr().out.split())
+    for shown in (
+        "--method METHOD compression method, or none for every visual token (default: dart)",
+        "--layer LAYER K, the first decoder layer that sees only the kept tokens (default: 2)",
+        "--ratio RATIO instead of --tokens",
+        "--out OUT folder for predictions, metrics and the grid (default: epic-out/eval)",
+        "--threads THREADS torch threads",
+        "(default: shapes)",
+    ):
+        assert shown in listed, shown

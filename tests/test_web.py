@@ -114,7 +114,7 @@ class FakeApp:
         self.launched = kwargs
 
 
-def test_another_address_than_loopback_needs_the_explicit_flag(tiny, monkeypatch):
+def test_another_address_than_loopback_needs_the_explicit_flag(tiny, monkeypatch, capsys):
     _, demo = tiny
     app = FakeApp()
     monkeypatch.setattr(web, "build_app", lambda demo: app)
@@ -122,8 +122,8 @@ def test_another_address_than_loopback_needs_the_explicit_flag(tiny, monkeypatch
         with pytest.raises(ValueError, match=f"to listen on {re.escape(host)} .* add --allow-remote"):
             web.serve(demo, host)
         assert app.launched is None
-    with pytest.raises(SystemExit, match=r"epic web: .*add --allow-remote"):  # refused before any model is loaded
-        main(["web", "--host", "0.0.0.0"])
+    assert main(["web", "--host", "0.0.0.0"]) == 2  # refused before any model is loaded
+    assert re.fullmatch(r"epic web: .*add --allow-remote\n", capsys.readouterr().err)
     for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
         web.serve(demo, host)
         assert app.launched["server_name"] == host and app.launched["share"] is False
@@ -140,6 +140,25 @@ def test_every_way_to_ask_shares_one_queue_of_one(tiny):
     asking = [fn for fn in app.fns.values() if fn.fn is not None and fn.fn.__name__ == "answer"]
     assert len(asking) == 2
     assert len({fn.concurrency_id for fn in asking}) == 1 and {fn.concurrency_limit for fn in asking} == {1}
+
+
+def test_the_budget_slider_starts_at_a_ninth_and_cannot_keep_nothing(tiny):
+    pytest.importorskip("gradio")
+    _, demo = tiny
+    app = web.build_app(demo)
+    (slider,) = [block for block in app.blocks.values() if getattr(block, "elem_id", None) == "tokens"]
+    assert (slider.minimum, slider.maximum, slider.value) == (1, 64, 7)
+
+
+def test_warm_up_runs_the_model_compressed_and_at_full_tokens_before_any_timed_answer(tiny, monkeypatch):
+    _, demo = tiny
+    asked = []
+    ask = web.ChatSession.ask
+    monkeypatch.setattr(
+        web.ChatSession, "ask", lambda self, question: asked.append(self.settings()) or ask(self, question)
+    )
+    demo.warm_up()
+    assert asked == ["dart, 7 of 64 visual tokens kept from layer 2", "no compression, all 64 visual tokens"]
 
 
 # ---------------------------------------------------------------------------------------------- in a browser

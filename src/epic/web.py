@@ -20,6 +20,7 @@ from PIL import Image
 
 import epic
 from epic.chat import FULL, ChatError, ChatSession, open_image
+from epic.compression import default_tokens
 from epic.data.dataset import image_token_count
 from epic.data.templates import Template
 from epic.eval.show import KeptPatches, draw_kept
@@ -100,6 +101,15 @@ class WebDemo:
             self.max_new_tokens,
         )
 
+    def warm_up(self) -> None:
+        """Answer one short question on a blank image, compressed and not, so that the first answer a user times
+        is not also the one that pays for the first forward's one-time costs."""
+        image = Image.new("RGB", (64, 64))
+        for method, tokens in (("dart", default_tokens(self.image_tokens)), (FULL, self.image_tokens)):
+            session = ChatSession(self.model, self.processor, self.template, image, method, tokens, self.layer, 2)
+            with session:
+                session.ask("What is in the image?")
+
     def _overlay(self, session: ChatSession) -> Image.Image | None:
         side = math.isqrt(self.image_tokens)
         if side * side != self.image_tokens:
@@ -153,9 +163,9 @@ def build_app(demo: WebDemo):
                 with gr.Row():
                     method = gr.Dropdown([*sorted(epic.METHODS), FULL], value="dart", label="Method", elem_id="method")
                     tokens = gr.Slider(
-                        0,
+                        1,
                         demo.image_tokens,
-                        value=min(64, demo.image_tokens),
+                        value=default_tokens(demo.image_tokens),
                         step=1,
                         label=f"Visual tokens kept (of {demo.image_tokens})",
                         elem_id="tokens",
@@ -185,7 +195,9 @@ def serve(demo: WebDemo, host: str = "127.0.0.1", port: int = 7860, allow_remote
     if not is_loopback(host):
         print(f"epic web: listening on {host}: anyone who can reach this machine can use the model")
     app = build_app(demo)
+    print(f"epic web: serving on http://{host}:{port} (Ctrl-C stops it)", flush=True)
     app.queue(default_concurrency_limit=1).launch(
+        quiet=True,  # Gradio's banner would suggest share=True, a public tunnel
         server_name=host,
         server_port=port,
         max_file_size=demo.max_upload_bytes,

@@ -5,7 +5,7 @@ method is one small file with a `@register_method("name")` dataclass.
 """
 
 from epic.compression import methods
-from epic.compression.engine import Budget, Compression, Prefix, compress, run_suffix
+from epic.compression.engine import Budget, Compression, Prefix, compress, default_tokens, run_suffix
 from epic.compression.registry import METHODS, CompressionMethod, build_method, register_method
 from epic.compression.selection import ImageSelection
 
@@ -18,6 +18,7 @@ __all__ = [
     "Prefix",
     "build_method",
     "compress",
+    "default_tokens",
     "methods",
     "register_method",
     "run_suffix",

@@ -49,6 +49,14 @@ from epic.compression.selection import ImageSelection
 IGNORE_INDEX = -100
 
 
+DEFAULT_KEPT_FRACTION = 1 / 9  # the commands' default budget: N/9 (64 of LLaVA-1.5's 576, the paper's headline)
+
+
+def default_tokens(image_tokens: int) -> int:
+    """Visual tokens a command keeps when no budget is given: N/9 of the image's, at least one."""
+    return max(1, round(image_tokens * DEFAULT_KEPT_FRACTION))
+
+
 @dataclass(frozen=True)
 class Budget:
     """Kept visual tokens per image: an exact count, or a ratio r meaning `round(N * (1 - r))`."""

@@ -53,10 +53,18 @@ class DataError(ValueError):
     """A data file failed its checks in strict mode; `problems` lists every one."""
 
     def __init__(self, path: Path, problems: list[Problem]) -> None:
+        self.path = path
         self.problems = problems
         shown = "\n".join(f"  {problem}" for problem in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         super().__init__(f"{path}: {len(problems)} problem(s)\n{shown}{more}")
+
+    def first_line(self) -> str:
+        """The count, the first problem and where to see them all, on one line (for the command line)."""
+        return (
+            f"{self.path}: {len(self.problems)} problem(s), the first: {self.problems[0]}; "
+            f"`epic data check {self.path}` lists every one"
+        )
 
 
 def read_raw(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
@@ -66,7 +74,7 @@ def read_raw(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as error:
-            return [], [Problem(f"line {error.lineno}", None, "malformed JSON", error.msg)]
+            return [], [Problem(f"line {error.lineno}", None, "malformed JSON", f"{error.msg} (column {error.colno})")]
         return [(f"item {index}", item) for index, item in enumerate(items)], []
     rows, problems = [], []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -75,7 +83,7 @@ def read_raw(path: Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
         try:
             rows.append((f"line {number}", json.loads(line)))
         except json.JSONDecodeError as error:
-            problems.append(Problem(f"line {number}", None, "malformed JSON", error.msg))
+            problems.append(Problem(f"line {number}", None, "malformed JSON", f"{error.msg} (column {error.colno})"))
     return rows, problems
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from epic.data.encoding import IGNORE_INDEX, encode_conversation, encode_prompt
-from epic.data.templates import Turn, get_template
+from epic.data.templates import BUILTIN_TEMPLATES, Turn, get_template
 
 CONVERSATION = [
     Turn("user", "<image>\nWhat color is the shape at the center?"),
@@ -153,3 +153,84 @@ def test_reply_stop_ids_end_where_the_template_closes_a_reply():
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert reply_stop_ids(get_template("chatml"), tokenizer) == {tokenizer.eos_token_id, im_end}
     assert reply_stop_ids(get_template("vicuna_v1"), tokenizer) == {tokenizer.eos_token_id}
+
+
+def as_messages(turns: list[Turn], parts: bool) -> list[dict]:
+    """transformers chat messages for `turns`: string content, or content parts (a leading `<image>\\n` becomes an
+    image part, as a chat client sends it)."""
+    if not parts:
+        return [{"role": turn.role, "content": turn.text} for turn in turns]
+    messages = []
+    for turn in turns:
+        image, text = turn.text.startswith("<image>\n"), turn.text.removeprefix("<image>\n")
+        messages.append({"role": turn.role, "content": [{"type": "image"}] * image + [{"type": "text", "text": text}]})
+    return messages
+
+
+CONVERSATIONS = {
+    "one turn, image": CONVERSATION[:2],
+    "one turn, text only": [Turn("user", "How many circles are there?"), Turn("assistant", "2")],
+    "two turns, image": CONVERSATION,
+    "two turns, text only": [Turn("user", "How many circles are there?"), *CONVERSATION[1:]],
+}
+
+
+@pytest.mark.parametrize("parts", [False, True], ids=["string content", "content parts"])
+@pytest.mark.parametrize(
+    ("name", "conversation"),
+    [(name, key) for name in sorted(BUILTIN_TEMPLATES) for key in CONVERSATIONS if name != "plain" or "one" in key],
+)
+def test_jinja_chat_template_renders_the_templates_own_text(tiny, name, conversation, parts):
+    tokenizer = tiny[1].tokenizer
+    template = get_template(name)
+    turns = CONVERSATIONS[conversation]
+    bos = tokenizer.bos_token if template.add_bos else ""
+    jinja = lambda messages, cue: tokenizer.apply_chat_template(  # noqa: E731
+        messages, chat_template=template.chat_template(), tokenize=False, add_generation_prompt=cue
+    )
+    whole = "".join(text for text, _ in template.render(turns, tokenizer.eos_token))
+    assert jinja(as_messages(turns, parts), cue=False) == bos + whole
+    prompt = "".join(text for text, _ in template.prompt(turns[:-1], tokenizer.eos_token))
+    assert jinja(as_messages(turns[:-1], parts), cue=True) == bos + prompt
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "chatml"])
+def test_jinja_generation_blocks_mark_exactly_the_supervised_tokens(tiny, name):
+    tokenizer = tiny[1].tokenizer
+    template = get_template(name)
+    encoded = encode_conversation(CONVERSATION, template, tokenizer, tiny[1].image_token_id, image_tokens=1)
+    rendered = tokenizer.apply_chat_template(
+        as_messages(CONVERSATION, parts=True),
+        chat_template=template.chat_template(),
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    assert rendered["input_ids"] == encoded.input_ids
+    assert rendered["assistant_masks"] == [int(label != IGNORE_INDEX) for label in encoded.labels]
+
+
+@pytest.mark.parametrize(
+    ("name", "messages", "message"),
+    [
+        ("vicuna_v1", [{"role": "system", "content": "Be brief."}], "vicuna_v1: turns must alternate"),
+        (
+            "chatml",
+            [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            "chatml: turns must alternate",
+        ),
+        ("plain", [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2, "one user turn"),
+    ],
+)
+def test_jinja_chat_template_refuses_what_the_template_cannot_render(tiny, name, messages, message):
+    from jinja2 import TemplateError
+
+    with pytest.raises(TemplateError, match=message):
+        tiny[1].tokenizer.apply_chat_template(
+            messages, chat_template=get_template(name).chat_template(), tokenize=False
+        )
+
+
+def test_tokenizer_template_chat_template_is_the_tokenizers_own(tiny):
+    tokenizer = tiny[1].tokenizer
+    assert get_template("tokenizer", tokenizer).chat_template() == tokenizer.chat_template

@@ -13,7 +13,7 @@ import epic
 from epic.data.dataset import image_token_count
 from epic.data.encoding import encode_prompt
 from epic.data.shapes import SynthConfig, vocabulary_texts
-from epic.data.templates import Turn, get_template
+from epic.data.templates import BUILTIN_TEMPLATES, Turn, get_template
 from epic.models.factory import build_tiny_llava_with_processor, save_llava, saved_template
 from epic.models.tiny import TinyLlavaSpec
 
@@ -69,3 +69,36 @@ def test_saved_folder_loads_offline_without_warnings(tiny, tmp_path, caplog):
 def test_missing_template_file_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not say which conversation template"):
         saved_template(tmp_path)
+
+
+@pytest.mark.parametrize("name", [*sorted(BUILTIN_TEMPLATES), "tokenizer"])
+def test_saved_processor_renders_an_image_conversation_that_generate_answers(tiny, tmp_path, name):
+    model, processor = tiny
+    own = processor.chat_template, processor.tokenizer.chat_template
+    save_llava(model, processor, tmp_path, name)
+    assert (processor.chat_template, processor.tokenizer.chat_template) == own  # saving left the live one alone
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path, local_files_only=True)
+    loaded_processor = AutoProcessor.from_pretrained(tmp_path, local_files_only=True)
+    image = Image.new("RGB", (48, 48), "red")
+    question = [{"type": "image", "image": image}, {"type": "text", "text": "What color is the shape at the center?"}]
+    messages = [{"role": "user", "content": question}]
+    turns = [Turn("user", "<image>\nWhat color is the shape at the center?")]
+    if name != "plain":  # the plain template takes one turn
+        messages += [
+            {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "How many circles are there?"},
+        ]
+        turns += [Turn("assistant", "red"), Turn("user", "How many circles are there?")]
+    inputs = loaded_processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    template = get_template(name, loaded_processor.tokenizer)
+    ids = encode_prompt(turns, template, loaded_processor.tokenizer, loaded_processor.image_token_id, SPEC.image_tokens)
+    assert inputs["input_ids"][0].tolist() == ids
+    pixels = loaded_processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(inputs["pixel_values"], pixels)
+    with torch.no_grad():
+        answer = loaded.generate(**inputs, max_new_tokens=3, do_sample=False)
+        first = loaded(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0, -1].argmax()
+    assert answer[0, : len(ids)].tolist() == ids and answer.shape[1] > len(ids)
+    assert answer[0, len(ids)] == first  # generate saw the image and the prompt exactly as epic builds them

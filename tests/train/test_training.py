@@ -10,6 +10,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import epic
+from epic.data.templates import get_template
 from epic.distill import distilled_positions
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from epic.train.config import parse_recipe
@@ -81,6 +82,8 @@ def test_checkpoint_loads_with_plain_transformers(shapes, tmp_path, caplog):
         assert "missing" not in messages and "unexpected" not in messages
         assert (folder / "model.safetensors").is_file()
         assert model.config.image_token_id == AutoProcessor.from_pretrained(folder).image_token_id
+        served = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        assert served.chat_template == get_template("vicuna_v1").chat_template()  # the template it trained with
 
 
 def test_teacher_and_student_rows_align_through_original_positions():

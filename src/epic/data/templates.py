@@ -5,11 +5,14 @@ marker) are supervised. `prompt()` renders the same conversation up to the point
 exactly as training saw it, so evaluation and training cannot disagree on the format.
 
 Templates: `vicuna_v1` (LLaVA-1.5), `plain` (caption pre-training), `chatml` (Qwen), and `tokenizer` (the
-tokenizer's own `chat_template`).
+tokenizer's own `chat_template`). `chat_template()` gives each as a Jinja chat template (the transformers convention,
+what a saved processor carries) that renders the same text: string content as is, and list content with one
+`<image>\n` per image part, then the text parts joined by a space (as epic writes `<image>\nquestion`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,6 +39,38 @@ class Template(Protocol):
     def prompt(self, turns: list[Turn], eos: str) -> list[Segment]:
         """The conversation (ending on a user turn) and the cue for the reply: the same segments training saw."""
         ...
+
+    def chat_template(self) -> str:
+        """The same template in Jinja, for `apply_chat_template` (`add_generation_prompt` gives `prompt()`)."""
+        ...
+
+
+def _say(text: str) -> str:
+    """Jinja that prints `text` literally."""
+    return "{{ " + json.dumps(text) + " }}"
+
+
+_CONTENT = (  # a message's content as epic writes a turn's text
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] if part['type'] == 'image' %}" + _say(f"{IMAGE_PLACEHOLDER}\n") + "{% endfor %}"
+    "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') }}{% endif %}"
+)
+
+
+def _jinja(name: str, opening: str, user: str, cue: str, reply: str, after_reply: str = "") -> str:
+    """A Jinja chat template: `opening`, then each user turn as `user` and each reply as `cue`, `reply` (in a
+    `generation` block: the supervised part) and `after_reply`; the generation prompt is `cue`."""
+    alternation = (
+        "{% if message['role'] != ['user', 'assistant'][loop.index0 % 2] %}{{ raise_exception("
+        + json.dumps(f"template {name}: turns must alternate user/assistant from a user, no system turn")
+        + ") }}{% endif %}"
+    )
+    generation_prompt = f"{{% if add_generation_prompt %}}{cue}{{% endif %}}" if cue else ""
+    return (
+        f"{opening}{{% for message in messages %}}{alternation}{{% if message['role'] == 'user' %}}{user}{{% else %}}"
+        f"{cue}{{% generation %}}{reply}{{% endgeneration %}}{after_reply}{{% endif %}}{{% endfor %}}"
+        + generation_prompt
+    )
 
 
 def _check_alternation(turns: list[Turn], ends_with_user: bool) -> None:
@@ -75,6 +110,11 @@ class VicunaV1:
         _check_alternation(turns, ends_with_user=True)
         return self.render(turns, eos)
 
+    def chat_template(self) -> str:
+        opening = "{{ bos_token }}" + _say(f"{self.system} ")
+        reply = _say(" ") + _CONTENT + "{{ eos_token }}"
+        return _jinja(self.name, opening, _say("USER: ") + _CONTENT, _say(" ASSISTANT:"), reply)
+
 
 @dataclass(frozen=True)
 class Plain:
@@ -95,6 +135,19 @@ class Plain:
         if len(turns) != 1:
             raise ValueError(f"the plain template takes one user turn, got {len(turns)} turns")
         return [(IMAGE_PLACEHOLDER * turns[0].text.count(IMAGE_PLACEHOLDER), False)]
+
+    def chat_template(self) -> str:
+        placeholder = json.dumps(IMAGE_PLACEHOLDER)
+        images = (
+            f"{{{{ {placeholder} * (message['content'].count({placeholder}) if message['content'] is string else "
+            "message['content'] | selectattr('type', 'equalto', 'image') | list | length) }}"
+        )
+        opening = (
+            "{% if messages | length > 2 %}{{ raise_exception("
+            + json.dumps("template plain: one user turn and at most one reply")
+            + ") }}{% endif %}{{ bos_token }}"
+        )
+        return _jinja(self.name, opening, images, "", _CONTENT + _say("\n"))
 
 
 @dataclass(frozen=True)
@@ -118,6 +171,12 @@ class ChatML:
     def prompt(self, turns: list[Turn], eos: str) -> list[Segment]:
         _check_alternation(turns, ends_with_user=True)
         return self.render(turns, eos)
+
+    def chat_template(self) -> str:
+        opening = _say(f"<|im_start|>system\n{self.system}<|im_end|>\n")
+        user = _say("<|im_start|>user\n") + _CONTENT + _say("<|im_end|>\n")
+        reply = _CONTENT + _say("<|im_end|>")
+        return _jinja(self.name, opening, user, _say("<|im_start|>assistant\n"), reply, _say("\n"))
 
 
 @dataclass(frozen=True)
@@ -164,6 +223,9 @@ class TokenizerTemplate:
             raise ValueError("the tokenizer's chat_template does not render conversations prefix by prefix")
         segments.append((cue[len(rendered) :], False))
         return [(text, False) for text, _ in segments if text]
+
+    def chat_template(self) -> str:
+        return self.tokenizer.chat_template
 
 
 BUILTIN_TEMPLATES = {"vicuna_v1": VicunaV1(), "plain": Plain(), "chatml": ChatML()}

@@ -1,28 +1,28 @@
 """A complete tiny LLaVA: model, word-level tokenizer and processor, saved as a standard transformers folder.
 
 The tokenizer is fitted to a given list of texts (the synthetic set's vocabulary plus the templates' own words) and
-carries the special tokens `<pad> <s> </s> <unk> <image> <|im_start|> <|im_end|>` and a ChatML `chat_template`. The
-folder loads back with `LlavaForConditionalGeneration.from_pretrained` and `AutoProcessor.from_pretrained`, offline.
-The conversation template used to train is stored beside them in `epic.json` so evaluation cannot use another.
+carries the special tokens `<pad> <s> </s> <unk> <image> <|im_start|> <|im_end|>` and epic's ChatML as its
+`chat_template`. The folder loads back with `LlavaForConditionalGeneration.from_pretrained` and
+`AutoProcessor.from_pretrained`, offline. The conversation template used to train is stored beside them by name in
+`epic.json` (so evaluation cannot use another) and as the processor's Jinja `chat_template`, so that plain
+`processor.apply_chat_template` on an image conversation gives the ids training saw.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
-from epic.data.templates import BUILTIN_TEMPLATES, Turn
+from epic.data.templates import BUILTIN_TEMPLATES, Turn, get_template
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<|im_end|>"]
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 EPIC_FILE = "epic.json"
 
 
@@ -48,7 +48,7 @@ def word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         extra_special_tokens=SPECIAL_TOKENS[4:],
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"].chat_template()
     return tokenizer
 
 
@@ -84,16 +84,34 @@ def build_tiny_llava_with_processor(
     return model, tiny_processor(spec, tokenizer)
 
 
+@contextmanager
+def chat_template_for_saving(processor, template: str) -> Iterator[None]:
+    """Within the block, `processor` and its tokenizer carry the Jinja chat template of epic's template `template`
+    (so a folder saved there renders conversations, image content parts included, exactly as training did); after
+    it, their own again, so saving never changes what a live processor renders."""
+    tokenizer = processor.tokenizer
+    own = processor.chat_template, tokenizer.chat_template
+    chat_template = get_template(template, tokenizer).chat_template()
+    processor.chat_template = tokenizer.chat_template = chat_template
+    try:
+        yield
+    finally:
+        processor.chat_template, tokenizer.chat_template = own
+
+
 def write_template(folder: Path, template: str) -> None:
     """Record the conversation template beside a checkpoint (`epic.json`)."""
     (Path(folder) / EPIC_FILE).write_text(json.dumps({"template": template}, indent=1))
 
 
 def save_llava(model, processor, folder: Path, template: str) -> None:
-    """Save model (safetensors), processor and the name of the conversation template as one folder."""
+    """Save model (safetensors), processor (with the template's chat template, see `chat_template_for_saving`) and
+    the name of the conversation template as one folder. Re-saving a checkpoint this way refreshes its chat
+    template."""
     folder = Path(folder)
     model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    with chat_template_for_saving(processor, template):
+        processor.save_pretrained(folder)
     write_template(folder, template)
 
 

@@ -22,7 +22,7 @@ from epic.compat import check_trainer_overrides
 from epic.compression import Compression
 from epic.data.sampler import ModalityLengthGroupedSampler
 from epic.distill import KD_MODES, Curriculum, StepPlan, plan_step
-from epic.models.factory import write_template
+from epic.models.factory import chat_template_for_saving, write_template
 from epic.train.kd import LlavaKDLoss
 from epic.train.step import ConsistencyLoss
 
@@ -220,7 +220,9 @@ class EpicTrainer(Trainer):
         return self.optimizer
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict)
+        """Save as the Trainer does, the processor carrying the template's chat template, and `epic.json`."""
+        with chat_template_for_saving(self.processing_class, self.template):
+            super()._save(output_dir, state_dict)
         if self.args.should_save:
             write_template(Path(output_dir or self.args.output_dir), self.template)
 

@@ -56,6 +56,7 @@ def saved(tmp_path_factory):
     (folder / "rows.json").write_text(json.dumps(rows))
     (folder / "broken.json").write_text('[{"id": "q0",\n "image": "scene.png" "conversations": []}]')
     (folder / "empty").mkdir()
+    (folder / "typo.yaml").write_text("model: tiny:llama\nmax_step: 3\n")
     LlamaForCausalLM(
         LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     ).save_pretrained(folder / "llama")
@@ -107,6 +108,22 @@ MISTAKES = {  # argv (from the saved folder) -> what the one line must say
         "no such model folder",
     ),
     "web: remote host": (lambda f: ["web", "--host", "0.0.0.0"], "epic web: ", "add --allow-remote"),
+    "train: missing recipe": (lambda f: ["train", str(f / "nothere.yaml")], "epic train: ", "nothere.yaml: no such"),
+    "train: misspelt recipe key": (
+        lambda f: ["train", str(f / "typo.yaml")],
+        "epic train: ",
+        "unknown option(s) ['max_step'] (did you mean max_steps?); `epic train --options` lists",
+    ),
+    "train: misspelt option": (
+        lambda f: ["train", "--model", "tiny:llama", "--max_step", "3"],
+        "epic train: ",
+        "(did you mean --max_steps?); `epic train --options` lists",
+    ),
+    "train: unknown mode": (
+        lambda f: ["train", "--model", "tiny:llama", "--mode", "nope", "--output_dir", str(f / "run")],
+        "epic train: ",
+        "unknown training mode 'nope'",
+    ),
 }
 
 
@@ -151,3 +168,15 @@ def test_version_and_defaults_in_help(capsys, monkeypatch):
         "(default: shapes)",
     ):
         assert shown in listed, shown
+
+
+def test_train_options_have_their_own_usage_sections_and_each_default_once(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["train", "--options"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith("usage: epic train [RECIPE.yaml] [--key value ...]")
+    for section in ("\nmodel:", "\ndata:", "\ncompression and distillation:"):
+        assert section in listed, section
+    options = " ".join(listed.split()).split(" --")[1:]
+    assert [option for option in options if option.count("default:") > 1] == []
+    assert "--layer LAYER" in listed and "(default: 2)" in listed and "(default: )" not in listed

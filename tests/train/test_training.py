@@ -14,7 +14,7 @@ from epic.data.templates import get_template
 from epic.distill import distilled_positions
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from epic.train.config import parse_recipe
-from epic.train.run import build_curriculum, build_model, run_training
+from epic.train.run import build_curriculum, build_model, describe_compression, run_training
 from tests.helpers import Row, make_batch, reference_logits
 from tests.train.conftest import tiny_options
 
@@ -29,6 +29,37 @@ def test_recipe_and_overrides(tmp_path):
     assert training_args.learning_rate == 0.5 and distill_args.options() == {"pivots_image": 2}
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['--warp_speed'"):
         parse_recipe(recipe, ["--warp_speed", "9"])
+
+
+def test_recipe_keys_and_overrides_are_matched_exactly_not_by_prefix(tmp_path):
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("mode: tcd\ntokens: 7\nmax_step: 3\n")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['max_step'\] \(did you mean max_steps\?\)"):
+        parse_recipe(recipe)
+    with pytest.raises(ValueError, match=r"\(did you mean --max_steps\?\); `epic train --options`"):
+        parse_recipe(None, ["--max_step", "3"])
+    assert parse_recipe(None, ["--max-steps", "3"])[3].max_steps == 3  # the dashed spelling is the same option
+
+
+def test_compression_over_the_run_is_described_in_kept_tokens():
+    """TCD at 7 of 64: R_max ramps 0.1 -> 1 - 7/64, R_min 0.1 -> 0.1 + (0.891 - 0.1) / 4 = 0.298 (45 kept)."""
+    args = parse_recipe(None, ["--mode", "tcd", "--tokens", "7"])[2]
+    words = describe_compression(build_curriculum(args, num_layers=4, image_tokens=64), "dart", 64)
+    assert words == (
+        "dart from layer 2, target 7 of 64 visual tokens; the student keeps 58 at the start, 7 to 45 at the end"
+    )
+    lcd = parse_recipe(None, ["--mode", "lcd", "--tokens", "7"])[2]
+    assert describe_compression(build_curriculum(lcd, 4, 64), "dart", 64).endswith("moves from layer 3 to 2")
+    sft = parse_recipe(None, ["--mode", "sft"])[2]
+    assert describe_compression(build_curriculum(sft, 4, 64), "dart", 64) == "no compression (all 64 visual tokens)"
+
+
+def test_training_starts_with_a_banner_of_what_it_runs(shapes, tmp_path, capsys):
+    run_training(*parse_recipe(None, tiny_options(shapes, tmp_path, max_steps=1)))
+    banner = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epic train:"))
+    assert banner.startswith(f"epic train: tcd | 96 rows of {shapes / 'train.json'} | ")
+    assert "M parameters trained | dart from layer 2, target 7 of " in banner
+    assert banner.endswith(f"| 1 step | into {tmp_path}")
 
 
 @pytest.mark.parametrize(

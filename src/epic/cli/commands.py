@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from epic.cli.common import existing, llava_folder, load_llava
+from epic.cli.common import HelpFormatter, existing, llava_folder, load_llava
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -113,8 +113,16 @@ def train(arguments: list[str]) -> int:
 
 
 def train_options() -> str:
-    from transformers import HfArgumentParser
+    """`epic train --options`: epic's training options by section, each default once."""
+    from epic.train.config import ARGUMENT_CLASSES, OptionParser
 
-    from epic.train.config import ARGUMENT_CLASSES
-
-    return HfArgumentParser(ARGUMENT_CLASSES[:3]).format_help()
+    parser = OptionParser(
+        ARGUMENT_CLASSES[:3],
+        prog="epic train",
+        usage="epic train [RECIPE.yaml] [--key value ...]",
+        description="epic's training options (recipe keys, or --key value after the recipe). Every transformers "
+        "TrainingArguments field (output_dir, learning_rate, max_steps, save_steps, bf16, deepspeed, ...) is an "
+        "option too.",
+        formatter_class=HelpFormatter,
+    )
+    return parser.format_help()

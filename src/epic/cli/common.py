@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -9,6 +10,16 @@ from pathlib import Path
 
 USAGE_ERROR = 2  # the exit status of a command refused for what it was given
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # `owner/name`: left to transformers (its cache, or the Hub when online)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in every option's help, except where the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default:" in help_text or action.default in (None, False, "", argparse.SUPPRESS):
+            return help_text
+        return super()._get_help_string(action)
 
 
 def default_threads() -> int:

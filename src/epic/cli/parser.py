@@ -6,7 +6,7 @@ import argparse
 
 from epic import __version__
 from epic.cli import commands, evaluation
-from epic.cli.common import default_threads
+from epic.cli.common import HelpFormatter, default_threads
 
 LAYER_HELP = "K, the first decoder layer that sees only the kept tokens"
 THREADS_HELP = "torch threads (default: $OMP_NUM_THREADS, else 1)"
@@ -34,29 +34,19 @@ def _compression_arguments(parser: argparse.ArgumentParser, tokens_help: str) ->
     parser.add_argument("--layer", type=int, default=2, help=LAYER_HELP)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in every option's help, except where the help already says what the default is."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        if "default:" in help_text or action.default in (None, False, argparse.SUPPRESS):
-            return help_text
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="epic",
         description="Visual-token compression for LLaVA-family models.",
         epilog="`epic --debug COMMAND ...` shows the traceback of an error instead of its one-line message.",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"epic {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (give it before the command)")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
-        return subcommands.add_parser(name, formatter_class=_Formatter, **kwargs)
+        return subcommands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
 
     demo = command(
         "demo",
@@ -92,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate a LLaVA-format file and report every problem",
         description="Report every problem of a LLaVA-format JSON/JSONL file with its line or id, then a summary. "
         "Exits 1 when any row has a problem.",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     check.add_argument("file", help="a LLaVA-format JSON (a list of rows) or JSONL file")
     check.add_argument("--images", help="the folder image paths are relative to")
@@ -105,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         "synth",
         help="draw the built-in synthetic visual QA set (shapes)",
         description="Write train/val/test LLaVA-format JSON, a caption set and PNG images. Deterministic by seed.",
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )
     synth.add_argument("out_dir", help="folder to write into")
     synth.add_argument("--n-train", type=int, default=6000, help="training questions")

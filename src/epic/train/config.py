@@ -3,15 +3,17 @@
 A recipe is a flat YAML mapping of option names (ours below, and any of transformers' `TrainingArguments`). A
 recipe may `include:` other YAML files (paths relative to it), e.g. a DeepSpeed part; the including file wins. A
 `deepspeed:` path that names a file beside its YAML file is resolved there.
-Every option, with its default and help, is listed by `epic train --help`.
+Keys and `--key` overrides are matched exactly (argparse's prefix matching is off: `max_step` is an error, not
+`max_steps`); epic's options, with their defaults and help, are listed by `epic train --options`.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
@@ -20,10 +22,13 @@ from epic.distill.curriculum import MODES
 from epic.train.kd import KD_WEIGHT_PRESETS, KDWeights, kd_weights
 
 SCHEDULES = ("target", "released")
+OPTIONS_HINT = "`epic train --options` lists epic's options; every transformers TrainingArguments field is one too"
 
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"  # a section of `epic train --options`
+
     model: str | None = field(
         default=None,
         metadata={
@@ -58,6 +63,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data"
+
     train_file: str = field(default="", metadata={"help": "LLaVA-format JSON/JSONL"})
     image_folder: str | None = field(default=None, metadata={"help": "folder the image paths are relative to"})
     image_mode: str = field(default="pad", metadata={"help": "pad (LLaVA-1.5) or resize"})
@@ -74,6 +81,8 @@ class DataArguments:
 
 @dataclass
 class DistillArguments:
+    _argument_group_name = "compression and distillation"
+
     mode: str = field(default="sft", metadata={"help": f"one of {MODES}"})
     method: str = field(default="dart", metadata={"help": "a registered compression method"})
     method_options: str = field(default="{}", metadata={"help": "the method's options as JSON"})
@@ -97,10 +106,10 @@ class DistillArguments:
             "0 as released: the ramps end with the run"
         },
     )
-    lcd_start_layer: int | None = field(default=None, metadata={"help": "LCD's first student layer (default L-1)"})
+    lcd_start_layer: int | None = field(default=None, metadata={"help": "LCD's first student layer (default: L-1)"})
     lcd_gap_layers_max: int = field(default=2, metadata={"help": "LCD: the teacher's largest layer lead"})
     alpha: float | None = field(
-        default=None, metadata={"help": "KD weight: L = alpha*T^2*KL + (1-alpha)*CE (default 0.5; 0.4 for random)"}
+        default=None, metadata={"help": "KD weight: L = alpha*T^2*KL + (1-alpha)*CE (default: 0.5; 0.4 for random)"}
     )
     temperature: float = field(default=1.0, metadata={"help": "KD temperature T"})
     kd_weights: str = field(
@@ -150,18 +159,56 @@ class DistillArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DistillArguments, TrainingArguments)
 
 
+class OptionParser(HfArgumentParser):
+    """`HfArgumentParser` with exact option names (no prefix matching) whose errors are `ValueError`s, not exits."""
+
+    def __init__(self, dataclass_types=ARGUMENT_CLASSES, **kwargs: Any) -> None:
+        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(f"{message}; {OPTIONS_HINT}")
+
+
+def option_names() -> set[str]:
+    """Every recipe key: the fields of `ARGUMENT_CLASSES` that `HfArgumentParser` turns into options."""
+    return {option.name for cls in ARGUMENT_CLASSES for option in fields(cls) if option.init}
+
+
+def unknown_options(names: list[str], known: set[str], prefix: str = "") -> str:
+    """The error for options not in `known`: each name, a close known one where there is one, and the hint."""
+    guesses = [difflib.get_close_matches(name.lstrip("-").replace("-", "_"), known, n=1) for name in names]
+    meant = [f"{prefix}{match[0]}" for match in guesses if match]
+    suggestion = f" (did you mean {', '.join(meant)}?)" if meant else ""
+    return f"unknown option(s) {names}{suggestion}; {OPTIONS_HINT}"
+
+
 def read_recipe(path: Path) -> dict[str, Any]:
-    """A YAML recipe with its `include:` files merged in (the including file wins); `yaml.safe_load` only."""
+    """A YAML recipe with its `include:` files merged in (the including file wins); `yaml.safe_load` only.
+
+    Every key must be an option name exactly (`include` aside): a misspelt one is an error naming it."""
     path = Path(path)
-    recipe = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path}: no such file (give a YAML recipe, e.g. recipes/tiny-sft.yaml)")
+    try:
+        recipe = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from error
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: a recipe must be a mapping of option names to values")
+    includes = recipe.pop("include", [])
+    known = option_names()
+    unknown = sorted(str(key) for key in recipe if key not in known)
+    if unknown:
+        raise ValueError(f"{path}: {unknown_options(unknown, known)}")
     deepspeed = recipe.get("deepspeed")
     if isinstance(deepspeed, str) and (path.parent / deepspeed).is_file():
         recipe["deepspeed"] = str((path.parent / deepspeed).resolve())  # a config beside the recipe part
     merged: dict[str, Any] = {}
-    includes = recipe.pop("include", [])
     for include in [includes] if isinstance(includes, str) else includes:
+        if not (path.parent / include).is_file():
+            raise FileNotFoundError(
+                f"{path}: include {include!r} names no file (give a path relative to {path.parent})"
+            )
         merged.update(read_recipe(path.parent / include))
     merged.update(recipe)
     return merged
@@ -182,8 +229,9 @@ def _as_argv(options: dict[str, Any]) -> list[str]:
 def parse_recipe(
     recipe: Path | None, overrides: list[str] | None = None
 ) -> tuple[ModelArguments, DataArguments, DistillArguments, TrainingArguments]:
-    """Parse a recipe and `--key value` overrides (overrides win); unknown keys are an error naming them."""
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    """Parse a recipe and `--key value` overrides (overrides win); keys are matched exactly, and an unknown one or a
+    bad value is a `ValueError` naming it, a missing recipe a `FileNotFoundError`."""
+    parser = OptionParser()
     options = read_recipe(recipe) if recipe is not None else {}
     if isinstance(options.get("method_options"), dict):
         options["method_options"] = json.dumps(options["method_options"])
@@ -191,6 +239,9 @@ def parse_recipe(
     model_args, data_args, distill_args, training_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
+    names = [item.split("=", 1)[0] for item in unknown if item.startswith("-")]
+    if names:
+        raise ValueError(unknown_options(names, option_names(), prefix="--"))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; see `epic train --help`")
+        raise ValueError(f"unexpected argument(s) {unknown}: give the recipe first, then --key value pairs")
     return model_args, data_args, distill_args, training_args

@@ -256,6 +256,53 @@ def build_trainer(
     )
 
 
+def _kept(ratio: float, image_tokens: int) -> int:
+    """Visual tokens kept at drop ratio `ratio` (at least one)."""
+    return max(1, round((1.0 - ratio) * image_tokens))
+
+
+def describe_compression(curriculum: Curriculum, method: str, image_tokens: int) -> str:
+    """What the student sees over the run, in kept tokens and layers, e.g. for TCD at 7 of 64 tokens: 'dart from
+    layer 2, target 7 of 64 visual tokens; the student keeps 58 at the start, 7 to 45 at the end'."""
+    if curriculum.target_ratio is None:
+        return f"no compression (all {image_tokens} visual tokens)"
+    target = f"target {_kept(curriculum.target_ratio, image_tokens)} of {image_tokens} visual tokens"
+    words = f"{method} from layer {curriculum.layer}, {target}"
+    if curriculum.tokens is not None:
+        start, end = curriculum.tokens.ratio_range(0.0), curriculum.tokens.ratio_range(1.0)
+        first = sorted({_kept(ratio, image_tokens) for ratio in start})
+        low, high = _kept(end[1], image_tokens), _kept(end[0], image_tokens)
+        words += f"; the student keeps {' to '.join(map(str, first))} at the start, {low} to {high} at the end"
+    if curriculum.layers is not None:
+        words += f"; compression moves from layer {curriculum.layers.first_layer} to {curriculum.layers.final_layer}"
+    return words
+
+
+def _numel(parameter: torch.nn.Parameter) -> int:
+    """A parameter's size, whole under ZeRO-3 too (where the local tensor is a partition)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
+def start_banner(trainer: EpicTrainer, distill_args: DistillArguments, data_file: Path) -> str:
+    """The line `epic train` prints before the first step: mode, rows, parameters, compression, steps, output."""
+    parameters = list(trainer.model.parameters())
+    trained = sum(_numel(p) for p in parameters if p.requires_grad)
+    args = trainer.args
+    steps = (
+        f"{args.max_steps} step{'s' * (args.max_steps != 1)}"
+        if args.max_steps > 0
+        else f"{args.num_train_epochs:g} epoch(s)"
+    )
+    compression = describe_compression(
+        trainer.curriculum, distill_args.method, image_token_count(trainer.processing_class)
+    )
+    return (
+        f"epic train: {distill_args.mode} | {len(trainer.train_dataset)} rows of {data_file} | "
+        f"{trained / 1e6:.2f}M of {sum(map(_numel, parameters)) / 1e6:.2f}M parameters trained | "
+        f"{compression} | {steps} | into {args.output_dir}"
+    )
+
+
 def run_training(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -264,6 +311,8 @@ def run_training(
 ) -> Path:
     """Train as the options say; returns the folder of the final checkpoint (a plain transformers LLaVA)."""
     trainer = build_trainer(model_args, data_args, distill_args, training_args)
+    if trainer.is_world_process_zero():
+        print(start_banner(trainer, distill_args, Path(data_args.train_file)), flush=True)
     processor, template_name = trainer.processing_class, trainer.template
     resume = training_args.resume_from_checkpoint
     if resume == "last":

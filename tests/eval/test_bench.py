@@ -1,4 +1,5 @@
-"""`epic bench` on a tiny model: KV bytes measured equal the formula exactly; FLOPs counted match the formula."""
+"""`epic bench` on a tiny model: KV bytes measured equal the formula exactly; FLOPs counted match the formula; the
+table's ratios are the printed timings divided by the printed reference; noise is flagged; bench.json says how."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from PIL import Image
 
 from epic.cli import main
-from epic.eval.bench import format_bench, plot_bench, run_bench, synthetic_prompt
+from epic.eval.bench import BenchRow, Timing, format_bench, plot_bench, run_bench, synthetic_prompt
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 
 
@@ -28,15 +29,46 @@ def test_bench_rows_cache_and_flops(tmp_path):
         # eager attention: the counter sees every product; the remainder is scoring (one attention row, pivots)
         assert row.flops_formula <= row.flops_counted <= row.flops_formula * 1.01
         assert row.prefill_s > 0 and row.decode_tokens_per_s > 0
-        assert row.peak_memory is not None and row.peak_memory >= 0  # CPU: resident-set growth
+        assert row.peak_memory is None  # CPU: nothing reliable to measure, so no column
+        assert row.prefill_ratio == row.prefill_s / rows[0].prefill_s
+        assert row.decode_ratio == row.decode_tokens_per_s / rows[0].decode_tokens_per_s
     assert rows[0].flops_ratio == 1.0 and rows[2].flops_ratio < rows[1].flops_ratio < 1.0
-    assert "dart" in format_bench(rows)
-    plot_bench(rows, tmp_path / "bench.png")
+    table = format_bench(rows)
+    assert "dart" in table and "peak MiB" not in table and "measured on CUDA only" in table
+    plot_bench(rows, tmp_path / "bench.png", title="tiny")
     assert Image.open(tmp_path / "bench.png").size[0] > 300
 
 
-def test_bench_command(tmp_path, capsys):
-    assert main(["bench", "--tokens", "16", "--methods", "random", "--repeats", "1", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "bench.json").read_text())
-    assert [row["method"] for row in rows] == ["none", "random"]
-    assert (tmp_path / "bench.png").is_file() and "KV MiB" in capsys.readouterr().out
+def _row(method: str, prefill_s: float, spread: float = 0.0) -> BenchRow:
+    return BenchRow(method, 7, prefill_s, spread, prefill_s / 0.2, 100.0, 0.0, 1.0, 10, 1.0, 10, 1, 1, None)
+
+
+def test_short_or_spread_timings_are_flagged_as_noise_and_steady_ones_are_not():
+    steady = format_bench([_row("none", 0.2), _row("dart", 0.1)])
+    assert "~" not in steady and "noise" not in steady
+    assert "0.500" in steady.splitlines()[2]  # 100.00 ms / 200.00 ms, as printed
+    short = format_bench([_row("none", 0.2), _row("dart", 0.0004)]).splitlines()
+    assert "~0.40" in short[2] and "~0.002" in short[2] and short[-2].startswith("~ noise")
+    spread = format_bench([_row("none", 0.2, spread=0.2), _row("dart", 0.1)]).splitlines()
+    assert "~200.00" in spread[1] and "~0.500" in spread[2]  # a noisy reference makes every ratio noisy
+
+
+def test_timing_spread_is_the_median_absolute_deviation_over_the_median():
+    timing = Timing.of([1.0, 1.1, 0.9, 3.0])
+    assert timing.median == 1.05 and abs(timing.spread - 0.1 / 1.05) < 1e-12 and timing.noisy
+    assert not Timing.of([1.0, 1.01, 0.99]).noisy
+
+
+def test_bench_command_says_what_it_runs_and_records_it(tmp_path, capsys):
+    command = ["bench", "--preset", "tiny", "--tokens", "16", "--methods", "random", "--repeats", "1"]
+    assert main([*command, "--threads", "1", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert [row["method"] for row in record["rows"]] == ["none", "random"]
+    settings = record["settings"]
+    assert settings["model"] == "preset tiny (random weights)" and settings["device"] == "cpu"
+    assert (settings["dtype"], settings["threads"], settings["repeats"], settings["layer"]) == ("float32", 1, 1, 2)
+    assert settings["visual_tokens"] == 64 and set(settings["versions"]) == {"epic", "torch", "transformers"}
+    out = capsys.readouterr().out
+    header, table = out.index("epic bench: preset tiny"), out.index("KV MiB")
+    assert header < table and "64 visual" in out and "random at 16 from layer 2" in out
+    assert (tmp_path / "bench.png").is_file()

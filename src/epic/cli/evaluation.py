@@ -134,7 +134,7 @@ def bench(args: argparse.Namespace) -> int:
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from epic.eval.bench import format_bench, plot_bench, run_bench, synthetic_prompt
+    from epic.eval.bench import bench_settings, format_bench, plot_bench, run_bench, synthetic_prompt
     from epic.models.tiny import build_tiny_llava
 
     torch.set_num_threads(args.threads)
@@ -147,14 +147,24 @@ def bench(args: argparse.Namespace) -> int:
         model = build_tiny_llava(PRESETS[args.preset], attn_implementation=args.attn, dtype=dtype)
     model = model.to(args.device).eval()
     inputs = synthetic_prompt(model, args.text_tokens, args.batch)
-    budgets = budget_list(args.tokens)
-    rows = run_bench(model, inputs, args.methods.split(","), budgets, args.layer, args.repeats, args.new_tokens)
+    budgets, methods = budget_list(args.tokens), args.methods.split(",")
+    name = args.model or f"preset {args.preset} (random weights)"
+    settings = bench_settings(
+        model, inputs, model=name, repeats=args.repeats, new_tokens=args.new_tokens, layer=args.layer
+    )
+    threads = settings["threads"]
+    where = f"{settings['device']} {settings['dtype']} {settings['attn']}, {threads} thread{'s' * (threads > 1)}"
+    print(
+        f"epic bench: {name} | {where} | batch {settings['batch']}, {settings['prompt_tokens']} tokens of which "
+        f"{settings['visual_tokens']} visual | {','.join(methods)} at {','.join(map(str, budgets))} from layer "
+        f"{args.layer} | {args.repeats} repeats"
+    )
+    rows = run_bench(model, inputs, methods, budgets, args.layer, args.repeats, args.new_tokens)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps([asdict(row) for row in rows], indent=1))
-    plot_bench(rows, out / "bench.png")
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
-    print(f"# {args.model or args.preset}, {args.dtype}, {args.attn}, {device}, batch {args.batch}, K={args.layer}")
+    record = {"settings": settings, "rows": [asdict(row) for row in rows]}
+    (out / "bench.json").write_text(json.dumps(record, indent=1))
+    plot_bench(rows, out / "bench.png", title=f"prefill cost, {name}, batch {settings['batch']}\n{where}")
     print(format_bench(rows))
     print(f"table: {out / 'bench.json'}, plot: {out / 'bench.png'}")
     return 0

@@ -1,15 +1,16 @@
 """`epic bench`: what compression costs and saves, per method and budget, measured against no compression in one run.
 
 Per configuration: prefill latency (a prefill as `generate` runs it: a fresh cache, logits of the last position) and
-decoding speed (tokens per second over `new_tokens` greedy steps after the prefill), both as ratios to the
-uncompressed run timed alternately with it; the KV cache measured from the real cache tensors next to the formula;
-decoder FLOPs by the formula next to `torch.utils.flop_counter` (which sees attention products only under eager
-attention); and peak memory (CUDA: peak allocated over the measurements; CPU: the resident-set growth during one
-prefill, sampled every millisecond, approximate since the allocator reuses freed memory).
+decoding speed (tokens per second over `new_tokens` greedy steps after the prefill), both as ratios to the printed
+uncompressed row, which is timed again before every configuration; timings too short or too spread are repeated and
+then flagged; the KV cache measured from the real cache tensors next to the formula; decoder FLOPs by the formula
+next to `torch.utils.flop_counter` (which sees attention products only under eager attention); and on CUDA the peak
+allocation. `memory_growth_during` also serves the training benchmarks (on a CPU: sampled resident-set growth).
 """
 
 from __future__ import annotations
 
+import itertools
 import resource
 import statistics
 import threading
@@ -26,21 +27,52 @@ from epic.compat import Layout
 from epic.eval.cost import DecoderShape, kv_cache_bytes, measured_cache_bytes, prefill_macs
 from epic.models.assemble import visual_tokens
 
+NOISY_SPREAD = 0.05  # a timing whose median absolute deviation exceeds 5% of its median is flagged
+NOISY_BELOW_S = 1e-3  # and so is any prefill under a millisecond: timer and scheduler noise dominate
+
+
+@dataclass
+class Timing:
+    """The median of repeated measurements and their spread (median absolute deviation / median)."""
+
+    median: float
+    spread: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Timing:
+        middle = statistics.median(values)
+        deviation = statistics.median(abs(value - middle) for value in values)
+        return cls(middle, deviation / middle if middle else 0.0)
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISY_SPREAD
+
 
 @dataclass
 class BenchRow:
     method: str  # "none" for the uncompressed reference
     tokens: int  # visual tokens kept per image
     prefill_s: float
-    prefill_ratio: float
+    prefill_spread: float  # median absolute deviation / median over the repeats
+    prefill_ratio: float  # prefill_s / the none row's prefill_s
     decode_tokens_per_s: float
-    decode_ratio: float
+    decode_spread: float
+    decode_ratio: float  # decode_tokens_per_s / the none row's
     flops_formula: int  # 2 x MACs of the decoder, SPEC section 4
     flops_ratio: float
     flops_counted: int  # torch.utils.flop_counter over the decoder
     cache_measured: int
     cache_formula: int
-    peak_memory: int | None  # bytes: CUDA peak allocated, or on CPU the resident-set growth during a prefill
+    peak_memory: int | None  # bytes, CUDA's peak allocation; None on a CPU, where nothing reliable is measured
+
+    @property
+    def prefill_noisy(self) -> bool:
+        return self.prefill_spread > NOISY_SPREAD or self.prefill_s < NOISY_BELOW_S
+
+    @property
+    def decode_noisy(self) -> bool:
+        return self.decode_spread > NOISY_SPREAD
 
 
 def _sync(device: torch.device) -> None:
@@ -124,19 +156,28 @@ def memory_growth_during(work, device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated() - before
 
 
-def _measure(model, inputs, new_tokens: int, repeats: int) -> tuple[float, float, int, int | None]:
+def _measure(model, inputs, new_tokens: int, repeats: int) -> tuple[list[float], list[float], int, int | None]:
+    """Prefill seconds and decoding rates, `repeats` of each, the cache bytes and CUDA's peak allocation."""
     device = inputs["input_ids"].device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        peak = None
-    else:
-        peak = resident_growth_during(lambda: timed_prefill(model, inputs))
     prefills, caches = zip(*(timed_prefill(model, inputs) for _ in range(repeats)), strict=True)
     prefill = statistics.median(prefills)
-    rate = statistics.median(_decode_rate(model, inputs, new_tokens, prefill) for _ in range(repeats))
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    return prefill, rate, caches[0], peak
+    rates = [_decode_rate(model, inputs, new_tokens, prefill) for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return list(prefills), rates, caches[0], peak
+
+
+def _measure_until_stable(
+    model, inputs, new_tokens: int, repeats: int
+) -> tuple[list[float], list[float], int, int | None]:
+    """`_measure`, repeated (up to three times as many samples) while the timings spread more than NOISY_SPREAD."""
+    prefills, rates, cache, peak = _measure(model, inputs, new_tokens, repeats)
+    while (Timing.of(prefills).noisy or Timing.of(rates).noisy) and len(prefills) < 3 * repeats:
+        more_prefills, more_rates, _, more_peak = _measure(model, inputs, new_tokens, repeats)
+        prefills, rates = prefills + more_prefills, rates + more_rates
+        peak = None if peak is None else max(peak, more_peak)
+    return prefills, rates, cache, peak
 
 
 def synthetic_prompt(model, text_tokens: int = 40, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -171,76 +212,126 @@ def run_bench(
     new_tokens: int = 8,
     progress: bool = True,
 ) -> list[BenchRow]:
-    """The uncompressed reference row, then one row per (method, budget)."""
+    """The uncompressed reference row, then one row per (method, budget), every ratio taken to the reference row.
+
+    The reference is timed again right before each configuration, so drift over the run hits both alike; its row
+    is the median over all of those samples, and it is the number the ratios divide by.
+    """
     shape = DecoderShape.from_config(model.config)
-    image_token = model.config.image_token_id
     rows, length = inputs["input_ids"].shape
-    visual = int((inputs["input_ids"] == image_token).sum()) // max(rows, 1)
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum()) // max(rows, 1)
     bytes_per_value = next(model.parameters()).element_size()
     timed_prefill(model, inputs)  # warm-up
-    base_prefill, base_rate, base_cache, base_peak = _measure(model, inputs, new_tokens, repeats)
+    base_prefills, base_rates, base_cache, base_peak = _measure_until_stable(model, inputs, new_tokens, repeats)
+    measured = []
+    for method, tokens in tqdm([(m, t) for m in methods for t in budgets], desc="bench", disable=not progress):
+        reference_prefills, reference_rates, _, _ = _measure(model, inputs, new_tokens, repeats)
+        base_prefills, base_rates = base_prefills + reference_prefills, base_rates + reference_rates
+        with epic.compress(model, method, tokens=tokens, layer=layer):
+            prefills, rates, cache, peak = _measure_until_stable(model, inputs, new_tokens, repeats)
+            counted = _counted_flops(model, inputs)
+        measured.append((method, tokens, Timing.of(prefills), Timing.of(rates), cache, peak, counted))
+    prefill, rate = Timing.of(base_prefills), Timing.of(base_rates)
     base_flops = 2 * prefill_macs(shape, length) * rows
     result = [
         BenchRow(
-            "none",
-            visual,
-            base_prefill,
-            1.0,
-            base_rate,
-            1.0,
-            base_flops,
-            1.0,
-            _counted_flops(model, inputs),
-            base_cache,
-            rows * kv_cache_bytes(shape, length, bytes_per_value=bytes_per_value),
-            base_peak,
+            method="none",
+            tokens=visual,
+            prefill_s=prefill.median,
+            prefill_spread=prefill.spread,
+            prefill_ratio=1.0,
+            decode_tokens_per_s=rate.median,
+            decode_spread=rate.spread,
+            decode_ratio=1.0,
+            flops_formula=base_flops,
+            flops_ratio=1.0,
+            flops_counted=_counted_flops(model, inputs),
+            cache_measured=base_cache,
+            cache_formula=rows * kv_cache_bytes(shape, length, bytes_per_value=bytes_per_value),
+            peak_memory=base_peak,
         )
     ]
-    for method, tokens in tqdm([(m, t) for m in methods for t in budgets], desc="bench", disable=not progress):
-        reference = _measure(model, inputs, new_tokens, repeats)  # timed right before, so drift hits both alike
-        with epic.compress(model, method, tokens=tokens, layer=layer):
-            prefill, rate, cache, peak = _measure(model, inputs, new_tokens, repeats)
-            counted = _counted_flops(model, inputs)
+    for method, tokens, prefills, rates, cache, peak, counted in measured:
         kept_length = length - visual + tokens
         flops = 2 * prefill_macs(shape, length, kept_length, layer) * rows
         result.append(
             BenchRow(
-                method,
-                tokens,
-                prefill,
-                prefill / reference[0],
-                rate,
-                rate / reference[1],
-                flops,
-                flops / base_flops,
-                counted,
-                cache,
-                rows * kv_cache_bytes(shape, length, kept_length, layer, bytes_per_value),
-                peak,
+                method=method,
+                tokens=tokens,
+                prefill_s=prefills.median,
+                prefill_spread=prefills.spread,
+                prefill_ratio=prefills.median / prefill.median,
+                decode_tokens_per_s=rates.median,
+                decode_spread=rates.spread,
+                decode_ratio=rates.median / rate.median,
+                flops_formula=flops,
+                flops_ratio=flops / base_flops,
+                flops_counted=counted,
+                cache_measured=cache,
+                cache_formula=rows * kv_cache_bytes(shape, length, kept_length, layer, bytes_per_value),
+                peak_memory=peak,
             )
         )
     return result
 
 
+def _flagged(value: str, noisy: bool) -> str:
+    return f"~{value}" if noisy else value
+
+
 def format_bench(rows: list[BenchRow]) -> str:
-    """A table: times and FLOPs as ratios to no compression, KV cache measured next to the formula."""
-    lines = [
+    """A table: times and FLOPs as ratios to the none row above them, KV cache measured next to the formula;
+    timings too short or too spread to trust marked `~`, the peak-memory column only where it was measured."""
+    with_peak = any(row.peak_memory is not None for row in rows)
+    header = (
         f"{'method':<8} {'kept':>5} {'prefill ms':>11} {'x none':>7} {'FLOPs x':>8} {'decode tok/s':>13} "
-        f"{'x none':>7} {'KV MiB (measured / formula)':>28} {'GFLOPs counted / formula':>25} {'peak MiB':>9}"
-    ]
+        f"{'x none':>7} {'KV MiB (measured / formula)':>28} {'GFLOPs counted / formula':>25}"
+    )
+    lines = [header + (f" {'peak MiB':>9}" if with_peak else "")]
     for row in rows:
-        lines.append(
-            f"{row.method:<8} {row.tokens:>5} {row.prefill_s * 1e3:>11.1f} {row.prefill_ratio:>7.3f} "
-            f"{row.flops_ratio:>8.3f} {row.decode_tokens_per_s:>13.1f} {row.decode_ratio:>7.3f} "
+        prefill_noisy = row.prefill_noisy or rows[0].prefill_noisy
+        decode_noisy = row.decode_noisy or rows[0].decode_noisy
+        line = (
+            f"{row.method:<8} {row.tokens:>5} {_flagged(f'{row.prefill_s * 1e3:.2f}', row.prefill_noisy):>11} "
+            f"{_flagged(f'{row.prefill_ratio:.3f}', prefill_noisy):>7} {row.flops_ratio:>8.3f} "
+            f"{_flagged(f'{row.decode_tokens_per_s:.1f}', row.decode_noisy):>13} "
+            f"{_flagged(f'{row.decode_ratio:.3f}', decode_noisy):>7} "
             f"{row.cache_measured / 2**20:>13.2f} / {row.cache_formula / 2**20:<12.2f} "
-            f"{row.flops_counted / 1e9:>11.2f} / {row.flops_formula / 1e9:<11.2f} "
-            f"{'n/a' if row.peak_memory is None else f'{row.peak_memory / 2**20:.1f}':>9}"
+            f"{row.flops_counted / 1e9:>11.2f} / {row.flops_formula / 1e9:<11.2f}"
         )
+        lines.append(line + (f" {row.peak_memory / 2**20:>9.1f}" if with_peak else ""))
+    if any(row.prefill_noisy or row.decode_noisy for row in rows):
+        lines.append(
+            f"~ noise: under {NOISY_BELOW_S * 1e3:.0f} ms, or spread over {NOISY_SPREAD:.0%} of the median after "
+            "repeating; raise --repeats or use a larger --preset before reading those ratios"
+        )
+    if not with_peak:
+        lines.append("peak memory: measured on CUDA only")
     return "\n".join(lines)
 
 
-def plot_bench(rows: list[BenchRow], path: Path) -> None:
-    """Prefill time ratio against kept tokens per method, with the FLOPs ratio (the ideal) dashed."""
+def bench_settings(llava, inputs: dict[str, torch.Tensor], **settings) -> dict:
+    """What a bench ran under, for bench.json: the given settings plus the prompt's shape, device and versions."""
+    import transformers
+
+    device = inputs["input_ids"].device
+    image_token = llava.config.image_token_id
+    return {
+        **settings,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(next(llava.parameters()).dtype).removeprefix("torch."),
+        "attn": llava.config._attn_implementation,
+        "threads": torch.get_num_threads(),
+        "batch": inputs["input_ids"].shape[0],
+        "prompt_tokens": inputs["input_ids"].shape[1],
+        "visual_tokens": int((inputs["input_ids"][0] == image_token).sum()),
+        "versions": {"epic": epic.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def plot_bench(rows: list[BenchRow], path: Path, title: str = "") -> None:
+    """Prefill time ratio against kept tokens per method, with the FLOPs ratio (the ideal) dashed; x ticks at the
+    measured budgets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,14 +340,17 @@ def plot_bench(rows: list[BenchRow], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     full = [(row.tokens, 1.0) for row in rows if row.method == "none"]  # every curve starts at no compression
     methods = sorted({row.method for row in rows if row.method != "none"})
-    for method in methods:
+    for method, marker in zip(methods, itertools.cycle("os^Dv"), strict=False):
         points = sorted(full + [(row.tokens, row.prefill_ratio) for row in rows if row.method == method])
-        axis.plot(*zip(*points, strict=True), marker="o", label=f"{method} (measured)")
+        axis.plot(*zip(*points, strict=True), marker=marker, label=f"{method} (measured)")
     ideal = sorted(set(full) | {(row.tokens, row.flops_ratio) for row in rows if row.method != "none"})
     axis.plot(*zip(*ideal, strict=True), linestyle="--", color="gray", label="FLOPs (ideal)")
     axis.axhline(1.0, color="black", linewidth=0.5)
+    axis.set_xticks(sorted({row.tokens for row in rows}))
     axis.set_xlabel("visual tokens kept per image")
     axis.set_ylabel("prefill time / uncompressed")
+    if title:
+        axis.set_title(title, fontsize=9)
     axis.set_ylim(0, max(1.1, 1.05 * max(row.prefill_ratio for row in rows)))
     axis.legend()
     axis.grid(alpha=0.3)

@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=["tiny", "demo", "cpu-wide", "llava-7b"],
         default="demo",
-        help="model shape without MODEL (demo: 196 visual tokens, 512 wide, where savings show on a CPU; tiny: timings are overhead)",
+        help="model shape without MODEL (demo: 196 visual tokens, 512 wide, where savings show on a CPU; "
+        "tiny: its timings are overhead)",
     )
     bench.add_argument("--methods", default="dart,fastv,random", help="methods to measure, comma-separated")
     bench.add_argument("--tokens", default="32,16,7", help="kept visual tokens per image, comma-separated")

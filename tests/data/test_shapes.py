@@ -9,7 +9,16 @@ import pytest
 
 from epic.cli import main
 from epic.data.records import read_records
-from epic.data.shapes import COLOURS, KINDS, LETTERS, POPE_SPLITS, QUESTION_TYPES, SynthConfig, write_synthetic
+from epic.data.shapes import (
+    COLOURS,
+    KINDS,
+    LETTERS,
+    POPE_SPLITS,
+    QUESTION_TYPES,
+    SynthConfig,
+    chance_accuracy,
+    write_synthetic,
+)
 
 CONFIG = SynthConfig(n_train=6000, n_val=50, n_test=5000, n_captions=10, seed=11)
 
@@ -171,3 +180,9 @@ def test_places_captions_name_the_place_first_and_fit_their_vocabulary():
     assert ";" not in " ".join(vocabulary_texts(SynthConfig()))  # the objects style keeps its vocabulary
     with pytest.raises(ValueError, match="caption_style"):
         SynthConfig(caption_style="poem")
+
+
+def test_chance_accuracy_is_one_over_each_types_answer_count():
+    assert chance_accuracy(["colour"]) == pytest.approx(100 / len(COLOURS))
+    assert chance_accuracy(QUESTION_TYPES) == pytest.approx(100 * (1 / 6 + 1 / 4 + 1 / 4 + 1 / 2 + 1 / 2 + 1 / 4) / 6)
+    assert chance_accuracy([]) is None and chance_accuracy(["colour", "weather"]) is None

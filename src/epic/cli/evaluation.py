@@ -16,7 +16,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from epic.data.dataset import image_token_count
     from epic.eval.provenance import recorded_settings
     from epic.eval.runner import generate_answers
-    from epic.eval.tasks import LOADERS, TASKS
+    from epic.eval.tasks import LOADERS, TASKS, chance_level
 
     torch.set_num_threads(args.threads)
     llava_folder(args.model)
@@ -52,6 +52,9 @@ def evaluate(args: argparse.Namespace) -> int:
             print(f"{name:<12} {value:>8.2f}")
     if "pope" in metrics:
         print(f"{'POPE F1':<12} {metrics['pope']['mean_f1']:>8.2f}  (mean over splits)")
+    chance = chance_level(args.task, items)
+    if chance is not None:
+        print(f"{'chance':<12} {chance:>8.2f}  (overall, a uniform guess among each question's answers)")
     print(f"predictions: {path}, metrics: {out / 'metrics.json'}")
     return 0
 
@@ -60,6 +63,7 @@ def evaluate_grid(args: argparse.Namespace, model, processor, template, items, i
     """`epic eval --methods A,B --tokens N1,N2,...`: every method at every budget, a table, grid.json and a plot."""
     from epic.compression import METHODS
     from epic.eval.grid import grid_table, plot_grid, run_grid
+    from epic.eval.tasks import chance_level
 
     if not args.tokens:
         raise ValueError(f"a grid (--methods) needs --tokens, e.g. --tokens {image_tokens},{image_tokens // 9}")
@@ -92,7 +96,9 @@ def evaluate_grid(args: argparse.Namespace, model, processor, template, items, i
     table = grid_table(grid)
     (out / "grid.md").write_text(table + "\n")
     (out / "grid.json").write_text(json.dumps([row.__dict__ for row in grid], indent=1))
-    plot_grid(grid, out / "grid.png")
+    device = next(model.parameters()).device.type
+    title = f"{args.model}: {args.task}, {len(items)} items, layer {args.layer}, {device}"
+    plot_grid(grid, out / "grid.png", title=title, chance=chance_level(args.task, items))
     print(table)
     print(f"table: {out / 'grid.md'}, plot: {out / 'grid.png'}")
     return 0
@@ -123,8 +129,11 @@ def show(args: argparse.Namespace) -> int:
     name = args.model or "a tiny random model"
     print(f"epic show: {name} | {', '.join(methods)}, {tokens} of {image_tokens} visual tokens from layer {args.layer}")
     image, results = kept_patches(model, processor, template, image, args.question, methods, tokens, args.layer)
-    draw_kept(image, results).save(args.out)
-    print(f"wrote {args.out}: " + ", ".join(f"{r.method} kept {len(r.patches)}" for r in results))
+    draw_kept(image, results, args.question).save(args.out)
+    print(f"question: {args.question}")
+    for result in results:
+        print(f"  {result.method:<8} kept {len(result.patches)} of {image_tokens}: {result.answer!r}")
+    print(f"picture: {args.out}")
     return 0
 
 

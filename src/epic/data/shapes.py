@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,15 @@ LETTERS = "ABCD"
 MAX_COUNT_ANSWER = 3
 CAPTION_STYLES = ("objects", "places")
 CAPTION_REQUEST = "Describe the image."  # the caption rows' question (LLaVA's plain template ignores it)
+# how many answers each question type can have: a uniform guess is right once in that many
+ANSWERS_PER_TYPE = {
+    "colour": len(COLOURS),
+    "shape": len(KINDS),
+    "count": MAX_COUNT_ANSWER + 1,
+    "exists": 2,
+    "relation": 2,
+    "choice": len(LETTERS),
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,15 @@ class SynthConfig:
             )
         if self.caption_style not in CAPTION_STYLES:
             raise ValueError(f"caption_style must be one of {CAPTION_STYLES}, got {self.caption_style!r}")
+
+
+def chance_accuracy(question_types: Iterable[str]) -> float | None:
+    """Percent a uniform guess among the possible answers scores, averaged over one type per question (so over the
+    types' mix); None if a type is not one of the synthesiser's."""
+    types = list(question_types)
+    if not types or any(kind not in ANSWERS_PER_TYPE for kind in types):
+        return None
+    return 100.0 * sum(1 / ANSWERS_PER_TYPE[kind] for kind in types) / len(types)
 
 
 def position_name(row: int, column: int, grid: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from epic.data.shapes import SynthConfig
+from epic.data.shapes import SynthConfig, chance_accuracy
 from epic.models.tiny import TinyLlavaSpec
 
 PAPER_BUDGETS = (576, 192, 128, 64, 36)
@@ -41,6 +41,7 @@ class DemoConfig:
     seed: int = 0  # data, the stage-1 model's initialisation and training, the first stage-2 seed
     seeds: int = 3  # the headline arms (direct, TCD, TCD without KD) are trained with seeds seed, seed+1, ...
     from_base: bool = False
+    quick: bool = False  # `epic demo --quick`: the mechanics end to end, sizes too small for its numbers to mean much
     # the built-in data
     image_size: int = 48
     patch_size: int = 6
@@ -188,6 +189,10 @@ class DemoConfig:
         keys += ("stage1_schedule", "warmup_ratio", "adam_beta2")
         return {key: getattr(self, key) for key in keys} | {"workers": self.workers, "spec": asdict(self.spec())}
 
+    def chance(self) -> float:
+        """The scored question's chance level (percent): a uniform guess among its possible answers."""
+        return chance_accuracy(self.question_types)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -210,6 +215,7 @@ FROM_BASE = {
 }
 
 QUICK = {
+    "quick": True,
     "seeds": 1,
     "n_train": 1500,
     "n_test": 120,

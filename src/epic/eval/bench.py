@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -329,15 +330,11 @@ def bench_settings(llava, inputs: dict[str, torch.Tensor], **settings) -> dict:
     }
 
 
-def plot_bench(rows: list[BenchRow], path: Path, title: str = "") -> None:
+def plot_bench(rows: list[BenchRow], path: Path, title: str = "") -> Figure:
     """Prefill time ratio against kept tokens per method, with the FLOPs ratio (the ideal) dashed; x ticks at the
     measured budgets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
     full = [(row.tokens, 1.0) for row in rows if row.method == "none"]  # every curve starts at no compression
     methods = sorted({row.method for row in rows if row.method != "none"})
     for method, marker in zip(methods, itertools.cycle("os^Dv"), strict=False):
@@ -356,4 +353,4 @@ def plot_bench(rows: list[BenchRow], path: Path, title: str = "") -> None:
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure

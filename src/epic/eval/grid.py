@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from epic.data.dataset import image_token_count
 from epic.eval.provenance import recorded_settings
 from epic.eval.runner import CompressionSettings, EvalItem, generate_answers
@@ -70,23 +72,49 @@ def grid_table(rows: list[GridRow], metric: str = "overall") -> str:
     return "\n".join(lines)
 
 
-def plot_grid(rows: list[GridRow], path: Path, metric: str = "overall") -> None:
-    """Accuracy against kept visual tokens, one line per method (the uncompressed point shared)."""
-    import matplotlib
+MARKERS = "osD^v<>p"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    full = [(row.tokens, row.metrics[metric]) for row in rows if row.method == "none"]
-    for method in dict.fromkeys(row.method for row in rows if row.method != "none"):
-        points = sorted(full + [(row.tokens, row.metrics[metric]) for row in rows if row.method == method])
-        axis.plot(*zip(*points, strict=True), marker="o", label=method)
-    axis.set_xscale("log", base=2)
+def accuracy_axis(axis, budgets: list[int], chance: float | None, ylabel: str = "accuracy (%)") -> None:
+    """The accuracy plots' shared frame: log-spaced x ticks at the budgets themselves, y from 0 to 100 (never zoomed
+    onto noise), the chance level dashed where one is known."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    axis.set_xscale("log")
+    axis.set_xticks(budgets, [str(budget) for budget in budgets])
+    axis.xaxis.set_minor_locator(NullLocator())
+    axis.xaxis.set_minor_formatter(NullFormatter())
     axis.set_xlabel("visual tokens kept per image")
-    axis.set_ylabel(f"{metric} accuracy (%)")
+    axis.set_ylim(0, 100)
+    axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
-    axis.legend()
+    if chance is not None:
+        axis.axhline(chance, color="gray", linestyle=":", linewidth=1.2, label=f"chance ({chance:.1f}%)")
+
+
+def offsets(count: int, step: float = 1.025) -> list[float]:
+    """Multiplicative x offsets (on a log axis) that set `count` lines side by side around each budget, so equal
+    values stay visible instead of hiding each other."""
+    return [step ** (index - (count - 1) / 2) for index in range(count)]
+
+
+def plot_grid(
+    rows: list[GridRow], path: Path, metric: str = "overall", title: str = "", chance: float | None = None
+) -> Figure:
+    """Accuracy against kept visual tokens, one line per method (the uncompressed point shared), with one marker
+    and a small x offset each, the chance level and one legend."""
+    figure = Figure(figsize=(6.4, 4.2))
+    axis = figure.subplots()
+    full = [(row.tokens, row.metrics[metric]) for row in rows if row.method == "none"]
+    methods = list(dict.fromkeys(row.method for row in rows if row.method != "none"))
+    for method, marker, shift in zip(methods, MARKERS * len(methods), offsets(len(methods)), strict=False):
+        points = sorted(full + [(row.tokens, row.metrics[metric]) for row in rows if row.method == method])
+        tokens, values = zip(*points, strict=True)
+        axis.plot([t * shift for t in tokens], values, marker=marker, label=method, alpha=0.9)
+    accuracy_axis(axis, sorted({row.tokens for row in rows}), chance, f"{metric} accuracy (%)")
+    if title:
+        axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure

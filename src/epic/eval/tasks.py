@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from epic.data.shapes import chance_accuracy
 from epic.data.templates import IMAGE_PLACEHOLDER, Turn
 from epic.eval.runner import EvalItem, load_items
 from epic.eval.scorers import (
@@ -291,6 +292,16 @@ LOADERS = {
     "mc": load_mmbench,  # multiple choice by letter, in MMBench's layout
     "sqa": load_scienceqa,
 }
+
+
+def chance_level(task: str, items: list[EvalItem]) -> float | None:
+    """The overall accuracy (percent) of a uniform guess, where the task defines one: the shapes set's per-type
+    answer counts over these items' types; None elsewhere (and for shapes items of an unknown type)."""
+    if task != "shapes":
+        return None
+    return chance_accuracy(item.extra.get("type", "unknown") for item in items)
+
+
 TASKS = {
     "shapes": score_shapes,
     "pope": score_pope,

@@ -166,6 +166,9 @@ def test_quick_demo_end_to_end(tmp_path):
     ):
         assert heading in report
     assert "blank images" in report and "its own questions" in report and "alpha = 0 ablation" in report
+    assert report.startswith("# epic demo: the EPIC experiment in miniature (--quick)") and "not a result" in report
+    assert "not a result" in first.stdout and "colour questions (chance 16.7%)" in report
+    assert f"to {out / 'models' / 'stage1'}, where the stage-1 model is" in (out / "logs" / "stage1.log").read_text()
     assert (out / "accuracy.png").is_file() and (out / "headline.png").is_file()
     assert list(out.glob("kept-tcd-*.png")) and list(out.glob("kept-sft-*.png"))
     for name in ("stage1", "sft", "direct", "tcd", "tcd-nokd", "lcd"):
@@ -184,6 +187,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert kd_run.returncode == 0, kd_run.stderr[-3000:]
     kd_report = (out / "kd" / "kd-report.md").read_text()
     assert "PT-SFT (no KD)" in kd_report and "DPT-SFT-DFT" in kd_report and "rel_loss" in kd_report
+    assert "(--quick)" in kd_report.splitlines()[0] and "not a result" in kd_report
+    assert f"to {out / 'models' / 'base'}, where" in (out / "logs" / "base.log").read_text()
     assert (out / "models" / "base" / STAGE1_KEY_FILE).is_file()  # the teacher: the --from-base model
     dft = json.loads((out / "kd" / "runs" / "dpt-sft-dft-dft" / "final" / "log_history.json").read_text())
     assert any("res_loss" in entry for entry in dft)

@@ -38,7 +38,7 @@ from epic.demo.pipeline import (
     train_options,
     train_stage1,
 )
-from epic.demo.results import accuracy, read_grid
+from epic.demo.results import accuracy, quick_banner, read_grid
 from epic.models.factory import build_tiny_llava_with_processor, save_llava
 
 ARMS = ("pt-sft", "dpt-sft-dft")
@@ -192,7 +192,8 @@ def write_kd_report(config: DemoConfig, kd: Path, logs: dict[str, list[dict]]) -
     ]
     spec = config.kd_student_spec()
     sections = [
-        "# epic demo --kd: LLaVA-KD's ablation in miniature",
+        "# epic demo --kd: LLaVA-KD's ablation in miniature" + (" (--quick)" if config.quick else ""),
+        *([quick_banner(config)] if config.quick else []),
         f"Measured on {platform.node()} ({platform.machine()}, {platform.python_version()}, torch "
         f"{torch.__version__}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Teacher: the --from-base "
         f"model ({config.num_layers} layers, hidden {config.hidden_size}). Student: {spec.num_layers} layers, hidden "

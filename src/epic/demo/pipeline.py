@@ -216,6 +216,8 @@ def train_stage1(config: DemoConfig, data: Path, out: Path) -> Path:
     print(f"stage 1: {config.stage1_steps} steps at full tokens on {config.workers} process(es); log in {out}/logs")
     run_jobs([Job(config.stage1_name, command, run_dir / "final", show_progress=True)], 1, out / "logs", "stage 1")
     shutil.move(run_dir / "final", model_dir)
+    with open(out / "logs" / f"{config.stage1_name}.log", "a") as log:  # the log names run_dir: say where it went
+        log.write(f"epic demo: moved {run_dir / 'final'} to {model_dir}, where the stage-1 model is\n")
     (model_dir / STAGE1_KEY_FILE).write_text(json.dumps(key, indent=1))
     return model_dir
 

@@ -6,6 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
+from epic.demo.config import DemoConfig
+
 Grid = dict[tuple[str, int], dict]  # (method, kept tokens) -> metrics; ("none", N) is full tokens
 
 
@@ -61,3 +63,18 @@ def verdict(name: str, first: list[float], other: str, second: list[float]) -> s
         return f"{name} and {other} are within the seed spread ({difference:+.1f} points; spread {bound:.1f})"
     side = "ahead of" if difference > 0 else "behind"
     return f"{name} is {side} {other} by {abs(difference):.1f} points (more than the seed spread, {bound:.1f})"
+
+
+def quick_banner(config: DemoConfig) -> str:
+    """What a `--quick` report is: the mechanics end to end, at sizes where its numbers are noise."""
+    seeds = f"{config.seeds} seed{'s' * (config.seeds > 1)}"
+    sizes = (
+        f"{config.stage1_steps} stage-1 steps, {config.stage2_steps} stage-2 steps, {seeds}, {config.n_test} test "
+        f"questions, hidden size {config.hidden_size}"
+    )
+    return (
+        "> **`epic demo --quick`: a check of the mechanics, not a result.** Every stage runs end to end at sizes far "
+        f"too small to learn the task ({sizes}), so every accuracy below is noise around chance "
+        f"({config.chance():.1f}% on the scored question): read no difference from it. Run `epic demo` for the "
+        "experiment."
+    )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import Cache
 
 import epic
 from epic.compat import Layout, cache_length
-from epic.compression import Prefix, run_suffix
+from epic.compression import run_suffix
 from epic.distill import distilled_positions
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from tests.helpers import Row, make_batch
@@ -94,9 +96,7 @@ def test_the_teachers_suffix_never_receives_nor_changes_the_students_cache():
         seen.clear()
         with student.paused(), epic.compress(model, "dart", tokens=20, layer=2) as teacher:
             run_suffix(model, student.prefix, 2, wanted, teacher)
-        leaked = Prefix(
-            student.prefix.hidden_states, {**student.prefix.layer_kwargs, "cache": cache}, student.prefix.batch
-        )
+        leaked = dataclasses.replace(student.prefix, layer_kwargs={**student.prefix.layer_kwargs, "cache": cache})
         with (
             student.paused(),
             pytest.raises(RuntimeError, match=r"the teacher's suffix received a KV cache \(`cache`\)"),

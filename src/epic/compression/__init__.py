@@ -2,24 +2,38 @@
 
 `compress(model, method=..., tokens=..., layer=...)` attaches a registered method (see `METHODS`); adding a
 method is one small file with a `@register_method("name")` dataclass.
+
+The parts, in the order a forward meets them: `batch` reads the batch (images, prompt, padding), `planning`
+scores, selects and builds the gather plan and masks (pure tensor functions), `engine` holds the hooks and their
+life cycle, `suffix` re-runs the upper layers for a distillation teacher. Names are imported on first use, so
+`import epic.compression.registry` (the CLI's method names) needs no torch.
 """
 
-from epic.compression import methods
-from epic.compression.engine import Budget, Compression, Prefix, compress, default_tokens, run_suffix
-from epic.compression.registry import METHODS, CompressionMethod, build_method, register_method
-from epic.compression.selection import ImageSelection
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "Budget",
-    "Compression",
-    "CompressionMethod",
-    "ImageSelection",
-    "Prefix",
-    "build_method",
-    "compress",
-    "default_tokens",
-    "methods",
-    "register_method",
-    "run_suffix",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {  # public name -> the module that defines it
+    "Budget": "budget",
+    "default_tokens": "budget",
+    "Compression": "engine",
+    "compress": "engine",
+    "Prefix": "batch",
+    "run_suffix": "suffix",
+    "CompressionMethod": "registry",
+    "build_method": "registry",
+    "method_names": "registry",
+    "register_method": "registry",
+    "ImageSelection": "selection",
+}
+
+__all__ = ["METHODS", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # the registry with the built-in methods registered
+        return importlib.import_module(f"{__name__}.registry").registered_methods()
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -14,7 +14,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig
 
-from epic.compat import attention_function, attention_implementation, register_attention, with_attention_implementation
+from epic.compat import (
+    attention_function,
+    attention_implementation,
+    eager_attention_of,
+    register_attention,
+    with_attention_implementation,
+)
 
 SCORING_ATTENTION = "epic_scoring"
 
@@ -74,3 +80,27 @@ def routed_config(config: PreTrainedConfig, eager: Callable) -> PreTrainedConfig
     routed = with_attention_implementation(config, SCORING_ATTENTION)
     routed._epic_passthrough = ScoringCall(config, eager, None)
     return routed
+
+
+class ScoringRoute:
+    """Layer K-1's attention module routed through `scoring_attention` while a compression is attached.
+
+    The module gets a private copy of its config naming `scoring_attention`; `restore()` puts back what it had
+    (another compression may have routed it first, so the real config is read through that route).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        ensure_registered()
+        self.module = module
+        self.config_before = module.config
+        passthrough = getattr(module.config, "_epic_passthrough", None)
+        self.config = passthrough.config if passthrough is not None else module.config
+        self.eager = eager_attention_of(module)
+        module.config = routed_config(self.config, self.eager)
+
+    def call(self, capture: Capture | None) -> ScoringCall:
+        """The `epic_scoring` keyword for one forward of the layer: capture its (query, key), or None to skip."""
+        return ScoringCall(self.config, self.eager, capture)
+
+    def restore(self) -> None:
+        self.module.config = self.config_before

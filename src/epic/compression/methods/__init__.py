@@ -1,5 +1,7 @@
-"""Built-in compression methods; importing this package registers them."""
+"""Built-in compression methods, one module per method named after it; importing this package registers them."""
 
-from epic.compression.methods import dart, fastv, random
+import importlib
+import pkgutil
 
-__all__ = ["dart", "fastv", "random"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

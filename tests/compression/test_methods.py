@@ -1,4 +1,4 @@
-"""What each method keeps: FastV against eager attentions, DART against random, Random against seeds."""
+"""What each method keeps: FastV against eager attentions, DART against its rule and random, Random against seeds."""
 
 from __future__ import annotations
 
@@ -89,6 +89,60 @@ def test_dart_budget_spread_and_pivots_kept():
     assert kept.numel() == 7 and kept.unique().numel() == 7
     assert positions[5] in kept
     assert torch.isin(kept, positions).all()
+
+
+def test_dart_keeps_the_tokens_least_similar_to_its_pivot():
+    """One text pivot, no visual pivot: the budget goes to the candidates of lowest cosine similarity to it."""
+    direction = torch.tensor([1.0, 0.0])
+    angles = torch.tensor([0.1, 2.9, 0.5, 1.6, 2.2, 0.9])  # cosine to the pivot falls as the angle grows
+    features = torch.cat([direction[None], torch.stack([angles.cos(), angles.sin()], dim=1)])  # pivot at 0
+    image = ImageSelection(
+        positions=torch.arange(1, 7),
+        budget=3,
+        text_positions=torch.tensor([0]),
+        attention=torch.zeros(7),
+        key_norms=torch.ones(7),
+        features=features,
+        generator=torch.Generator(),
+    )
+    kept = Dart(pivots_image=0, pivots_text=1).select(image)
+    assert kept.tolist() == [2, 4, 5]  # angles 2.9, 1.6 and 2.2: the three least similar, not the most similar
+
+
+def reference_dart(image: ImageSelection, pivots_image: int, pivots_text: int) -> list[int]:
+    """DART's rule written out with Python loops: pivots by key norm, the rest of the budget shared evenly over
+    the pivots in order, each taking the not-yet-kept candidates least cosine-similar to it."""
+    norms = image.key_norms.tolist()
+    candidates = image.positions.tolist()
+    image_pivots = sorted(candidates, key=lambda p: -norms[p])[: min(pivots_image, image.budget)]
+    text_pivots = sorted(image.text_positions.tolist(), key=lambda p: -norms[p])[:pivots_text]
+    pivots = image_pivots + text_pivots
+    kept = list(image_pivots)
+    remaining = image.budget - len(image_pivots)
+    shares = [remaining // len(pivots) + (1 if i < remaining % len(pivots) else 0) for i in range(len(pivots))]
+    for pivot, share in zip(pivots, shares, strict=True):
+        pool = [p for p in candidates if p not in kept]
+        similarity = {p: float(F.cosine_similarity(image.features[pivot], image.features[p], dim=0)) for p in pool}
+        kept += sorted(pool, key=lambda p: similarity[p])[:share]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("budget", "pivots_image", "pivots_text"), [(3, 1, 1), (9, 2, 3), (12, 4, 4), (2, 4, 4)])
+def test_dart_matches_its_rule_written_out(seed, budget, pivots_image, pivots_text):
+    generator = torch.Generator().manual_seed(seed)
+    length = 30
+    image = ImageSelection(
+        positions=torch.arange(8, 24),
+        budget=budget,
+        text_positions=torch.cat([torch.arange(0, 8), torch.arange(24, 30)]),
+        attention=torch.zeros(length),
+        key_norms=torch.rand(length, generator=generator),
+        features=torch.randn(length, 12, generator=generator),
+        generator=generator,
+    )
+    kept = Dart(pivots_image=pivots_image, pivots_text=pivots_text).select(image)
+    assert kept.tolist() == reference_dart(image, pivots_image, pivots_text)
 
 
 def test_random_is_reproducible_and_varies_with_seed():

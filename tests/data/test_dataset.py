@@ -10,9 +10,9 @@ from PIL import Image
 
 import epic
 from epic.data.dataset import LlavaDataset, collate, image_token_count
-from epic.data.encoding import IGNORE_INDEX
 from epic.data.images import mean_colour
 from epic.data.templates import get_template
+from epic.labels import IGNORE_INDEX
 
 
 @pytest.fixture

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from epic.data.encoding import IGNORE_INDEX, encode_conversation, encode_prompt
+from epic.data.encoding import encode_conversation, encode_prompt
 from epic.data.templates import BUILTIN_TEMPLATES, Turn, get_template
+from epic.labels import IGNORE_INDEX
 
 CONVERSATION = [
     Turn("user", "<image>\nWhat color is the shape at the center?"),

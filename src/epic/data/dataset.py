@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from epic.data.encoding import IGNORE_INDEX, Encoded, TooLong, encode_conversation
+from epic.data.encoding import Encoded, TooLong, encode_conversation
 from epic.data.images import load_image
 from epic.data.records import DataError, Problem, Record, load_records
 from epic.data.templates import Template
+from epic.labels import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

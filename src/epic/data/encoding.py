@@ -1,7 +1,7 @@
 """Token ids and labels for one conversation: template segments, `<image>` expanded, replies supervised.
 
 The rendered text is tokenized as a whole between `<image>` placeholders (each becomes `image_tokens` copies of the
-image token id); character offsets decide which tokens belong to a reply. Labels are -100 except on replies.
+image token id); character offsets decide which tokens belong to a reply. Labels are IGNORE_INDEX except on replies.
 Truncation to `max_length` never cuts inside an image: such a row raises `TooLong` (the dataset drops and counts
 it, or fails in strict mode).
 """
@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from epic.data.templates import IMAGE_PLACEHOLDER, Template, Turn
-
-IGNORE_INDEX = -100
+from epic.labels import IGNORE_INDEX
 
 
 class TooLong(ValueError):

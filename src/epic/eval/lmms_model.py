@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 from lmms_eval.api.model import lmms
-from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from epic.data.templates import IMAGE_PLACEHOLDER, Turn, get_template
+from epic.data.templates import IMAGE_PLACEHOLDER, Turn
 from epic.eval.runner import CompressionSettings, EvalItem, generate_answers
-from epic.models.factory import saved_template
+from epic.models.loading import load_llava
 
 
 class EpicLmms(lmms):
@@ -37,9 +36,8 @@ class EpicLmms(lmms):
         **kwargs,
     ) -> None:
         super().__init__()
-        self.model = LlavaForConditionalGeneration.from_pretrained(pretrained).to(device).eval()
-        self.processor = AutoProcessor.from_pretrained(pretrained)
-        self.template = get_template(template or saved_template(Path(pretrained)), self.processor.tokenizer)
+        model, self.processor, self.template = load_llava(pretrained, template)
+        self.model = model.to(device)
         self.compression = None
         if method:
             self.compression = CompressionSettings(

@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from epic.chat import ChatError, ChatSession, chat_loop, default_demo_model, open_image, run_command
+from epic.chat import ChatError, ChatSession, open_image
+from epic.chat.terminal import chat_loop, run_command
 from epic.cli import main
 from epic.data.encoding import encode_prompt
 from epic.data.templates import IMAGE_PLACEHOLDER, Turn, get_template
@@ -258,7 +259,7 @@ def test_bad_commands_name_the_problem_and_keep_the_conversation(tiny, command, 
 
 
 def test_bad_session_inputs(tiny, tmp_path):
-    folder, _, _ = tiny
+    folder, model, _ = tiny
     with pytest.raises(ChatError, match="image file not found"):
         session(tiny).set_image(tmp_path / "nowhere.png")
     with pytest.raises(ChatError, match=r"notes\.png is not an image"):
@@ -267,10 +268,16 @@ def test_bad_session_inputs(tiny, tmp_path):
         open_image(folder / "scene.png", max_bytes=1024)
     with pytest.raises(ChatError, match="unknown method 'nope'"):
         session(tiny, method="nope")
+    # the budget and the layer are the engine's to check: its messages, as a ChatError, before any turn
     with pytest.raises(ChatError, match="budget of 100 visual tokens is larger than the image"):
         session(tiny, tokens=100)
-    with pytest.raises(ChatError, match=r"layer must be a whole number in \[1, 3\]"):
+    with pytest.raises(ChatError, match="budget of 100 visual tokens is larger than the image"):
+        session(tiny, method="none", tokens=100)
+    with pytest.raises(ChatError, match="tokens must be a non-negative integer, got -1"):
+        session(tiny, tokens=-1)
+    with pytest.raises(ChatError, match=r"layer must be an integer in \[1, 3\]"):
         session(tiny, layer=4)
+    assert not model._forward_pre_hooks and not model._forward_hooks  # the engine's trial left nothing attached
     with pytest.raises(ChatError, match="empty question"):
         session(tiny).stream("  ")
 
@@ -304,15 +311,6 @@ def test_an_image_with_too_many_pixels_is_refused_before_decoding(tmp_path):
     assert (tmp_path / "bomb.png").stat().st_size < 2**20
     with pytest.raises(ChatError, match=r"bomb\.png has too many pixels \(10000x9000, more than 89,478,485\)"):
         open_image(tmp_path / "bomb.png", max_bytes=2**20)
-
-
-def test_default_demo_model_prefers_tcd_then_stage1_then_base(tmp_path):
-    with pytest.raises(ChatError, match="run `epic demo` first, or pass a LLaVA model folder"):
-        default_demo_model(tmp_path)
-    for name in ("base", "stage1", "tcd"):
-        (tmp_path / "models" / name).mkdir(parents=True)
-        (tmp_path / "models" / name / "config.json").write_text("{}")
-        assert default_demo_model(tmp_path) == tmp_path / "models" / name
 
 
 def test_chat_loop_prints_errors_and_goes_on(tiny):
@@ -356,6 +354,9 @@ def test_chat_command_refuses_bad_input_without_a_traceback(tiny, tmp_path, monk
     )
     assert "larger than the image" in refusal(
         ["chat", str(folder / "model"), "--image", str(folder / "scene.png"), "--tokens", "100"]
+    )
+    assert "unknown template 'nope'; choose one of" in refusal(
+        ["chat", str(folder / "model"), "--image", str(folder / "scene.png"), "--template", "nope"]
     )
     monkeypatch.chdir(tmp_path)  # no epic-demo/ here
     assert "run `epic demo` first" in refusal(["chat", "--image", str(folder / "scene.png")])

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from epic.cli import main
+from epic.cli.commands import default_demo_model
 from epic.demo import scaled_budgets
+
+TORCH_FREE = "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"
 
 
 def test_paper_budgets_scale_to_the_image():
@@ -84,6 +90,7 @@ MISTAKES = {  # argv (from the saved folder) -> what the one line must say
         "epic eval: ",
         "3 problem(s), the first: item 0 (id q0): missing image",
     ),
+    "unknown task": (lambda f: eval_argv(f, "--task", "nope"), "epic eval: ", "--task 'nope' is not one of shapes,"),
     "grid without budgets": (lambda f: eval_argv(f, "--methods", "dart"), "epic eval: ", "needs --tokens"),
     "show: missing image": (lambda f: ["show", str(f / "nothere.png")], "epic show: ", "nothere.png: no such file"),
     "show: budget over the image": (
@@ -100,6 +107,7 @@ MISTAKES = {  # argv (from the saved folder) -> what the one line must say
         "epic show: ",
         "larger than the image",
     ),
+    "bench: unknown preset": (lambda f: ["bench", "--preset", "nope"], "epic bench: ", "is not one of tiny, demo,"),
     "bench: tokens not numbers": (lambda f: ["bench", "--tokens", "a,b"], "epic bench: ", "whole numbers"),
     "data check: missing file": (lambda f: ["data", "check", str(f / "nothere.json")], "epic data: ", "no such file"),
     "chat: missing model": (
@@ -160,7 +168,7 @@ def test_version_and_defaults_in_help(capsys, monkeypatch):
         main(["eval", "--help"])
     listed = " ".join(capsys.readouterr().out.split())
     for shown in (
-        "--method METHOD compression method, or none for every visual token (default: dart)",
+        "--method METHOD compression method (dart, fastv, random), or none for every visual token (default: dart)",
         "--layer LAYER K, the first decoder layer that sees only the kept tokens (default: 2)",
         "--ratio RATIO instead of --tokens",
         "--out OUT folder for predictions, metrics and the grid (default: epic-out/eval)",
@@ -180,3 +188,68 @@ def test_train_options_have_their_own_usage_sections_and_each_default_once(capsy
     options = " ".join(listed.split()).split(" --")[1:]
     assert [option for option in options if option.count("default:") > 1] == []
     assert "--layer LAYER" in listed and "(default: 2)" in listed and "(default: )" not in listed
+
+
+def test_the_parser_and_its_help_import_neither_torch_nor_transformers():
+    code = f"import sys; from epic.cli import build_parser; build_parser().format_help(); {TORCH_FREE}"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["demo"],
+        ["data"],
+        ["data", "check"],
+        ["data", "synth"],
+        ["eval"],
+        ["show"],
+        ["bench"],
+        ["chat"],
+        ["web"],
+        ["train"],
+    ],
+)
+def test_every_commands_help_imports_neither_torch_nor_transformers(command):
+    code = (
+        "import sys\nfrom epic.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as done:\n"
+        f"    assert done.code == 0, done.code\n{TORCH_FREE}"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *command, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: epic")
+
+
+def test_method_names_in_help_and_checks_come_from_the_registry(monkeypatch, capsys):
+    """A method registered after the fact is listed by every --method help and accepted by the commands' check."""
+    from dataclasses import dataclass
+
+    from epic.cli.common import compression_of
+    from epic.compression.registry import METHODS
+
+    @dataclass
+    class KeepFirst:
+        needs_features = False
+
+    monkeypatch.setitem(METHODS, "keepfirst", KeepFirst)
+    for command in ("eval", "show", "bench", "chat"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "dart, fastv, keepfirst, random" in " ".join(capsys.readouterr().out.split()), command
+    settings, words = compression_of("keepfirst", 4, None, 2, 64)
+    assert settings.method == "keepfirst" and words.startswith("keepfirst, 4 of 64")
+    with pytest.raises(ValueError, match="unknown compression method 'nope': choose one of dart, fastv, keepfirst"):
+        compression_of("nope", 4, None, 2, 64)
+
+
+def test_default_demo_model_prefers_tcd_then_stage1_then_base(tmp_path):
+    with pytest.raises(ValueError, match="run `epic demo` first, or pass a LLaVA model folder"):
+        default_demo_model(tmp_path)
+    for name in ("base", "stage1", "tcd"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "config.json").write_text("{}")
+        assert default_demo_model(tmp_path) == tmp_path / "models" / name

@@ -63,7 +63,7 @@ def test_uploads_are_checked_for_size_and_type(tiny):
         ("notes.png", QUESTION, 9, None, "error: notes.png is not an image"),
         ("scene.png", QUESTION, 9, 1024, "error: scene.png is 8."),
         ("scene.png", "  ", 9, None, "error: empty question"),
-        ("scene.png", QUESTION, 65, None, "error: a budget of 65 visual tokens is larger than the image"),
+        ("scene.png", QUESTION, 65, None, "error: budget of 65 visual tokens is larger than the image"),
     ],
 )
 def test_a_bad_request_is_a_message_in_the_answer_box(tiny, upload, question, tokens, limit, message):
@@ -130,6 +130,14 @@ def test_another_address_than_loopback_needs_the_explicit_flag(tiny, monkeypatch
         assert app.launched["ssr_mode"] is False  # no Node front server binding where the environment says
     web.serve(demo, "0.0.0.0", allow_remote=True)
     assert app.launched["server_name"] == "0.0.0.0"
+
+
+def test_a_template_the_model_cannot_use_is_one_line_before_serving(tiny, monkeypatch, capsys):
+    folder, _ = tiny
+    monkeypatch.setattr(web, "serve", lambda *args, **kwargs: pytest.fail("served with a bad template"))
+    assert main(["web", str(folder / "model"), "--template", "nope"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("epic web: ") and "unknown template 'nope'; choose one of" in last, last
 
 
 def test_every_way_to_ask_shares_one_queue_of_one(tiny):

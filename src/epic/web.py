@@ -2,10 +2,10 @@
 
 An image upload, a question, the method and budget, the answer streamed as it is generated, the kept-token overlay
 and the cost summary; a side-by-side mode answers the same question at full tokens too. Every Ask is a fresh
-one-question conversation (`epic chat` holds multi-turn ones). Uploads are checked here, not by Gradio: size first,
-then the pixel count and the format (`epic.chat.open_image`), and a failure is a message in the page. The page listens
-on loopback; another address needs `allow_remote` (`--allow-remote`) as well. Gradio is imported only when the page is
-built (the `web` extra).
+one-question `epic.chat.ChatSession` (`epic chat` holds multi-turn ones). Uploads are checked here, not by Gradio:
+size first, then the pixel count and the format (`epic.chat.open_image`), and a failure is a message in the page.
+The page listens on loopback; another address needs `allow_remote` (`--allow-remote`) as well. Gradio is imported
+only when the page is built (the `web` extra).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from PIL import Image
 
-import epic
 from epic.chat import FULL, ChatError, ChatSession, open_image
 from epic.compression import default_tokens
+from epic.compression.registry import method_names
 from epic.data.dataset import image_token_count
 from epic.data.templates import Template
 from epic.eval.show import KeptPatches, draw_kept
@@ -161,7 +161,7 @@ def build_app(demo: WebDemo):
             with gr.Column():
                 question = gr.Textbox(label="Question", lines=2, elem_id="question")
                 with gr.Row():
-                    method = gr.Dropdown([*sorted(epic.METHODS), FULL], value="dart", label="Method", elem_id="method")
+                    method = gr.Dropdown([*method_names(), FULL], value="dart", label="Method", elem_id="method")
                     tokens = gr.Slider(
                         1,
                         demo.image_tokens,

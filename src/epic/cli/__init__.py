@@ -17,11 +17,16 @@ from epic.cli.parser import build_parser
 __all__ = ["USAGE_ERROR", "build_parser", "main"]
 
 
+def _raised(error: BaseException, module: str, name: str) -> bool:
+    """Whether `error` is `module.name`, without importing `module` (it was imported if it raised one): the parser
+    and `--help` stay free of torch."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(error, getattr(loaded, name))
+
+
 def _one_line(error: BaseException) -> str:
     """An error as the one line a command prints."""
-    from epic.data.records import DataError
-
-    if isinstance(error, DataError):
+    if _raised(error, "epic.data.records", "DataError"):
         return error.first_line()
     if isinstance(error, FileNotFoundError) and error.filename:
         return f"{error.filename}: no such file or folder (check the path)"
@@ -30,8 +35,6 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; a mistake in its input is one line on stderr and exit status 2 (`--debug`: the traceback)."""
-    from epic.compat import IncompatibleTransformers
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("EPIC_DEBUG", "") not in ("", "0")
     if argv[:1] == ["--debug"]:
@@ -42,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             return train(argv[1:])
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except (ValueError, OSError, IncompatibleTransformers) as error:
-        if debug:
+    except Exception as error:
+        ordinary = isinstance(error, (ValueError, OSError)) or _raised(error, "epic.compat", "IncompatibleTransformers")
+        if debug or not ordinary:
             raise
         print(f"epic {name}: {_one_line(error)}", file=sys.stderr)
         return USAGE_ERROR

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from epic.cli.common import HelpFormatter, existing, llava_folder, load_llava
+from epic.cli.common import HelpFormatter, existing
+from epic.models.loading import TOKENIZER_TEMPLATE, LoadedLlava, load_llava
+
+DEMO_MODELS = ("tcd", "stage1", "base")  # what `epic demo` saves under <root>/models/, in order of preference
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -56,19 +59,32 @@ def data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def chat_model(args: argparse.Namespace):
-    """Model, processor and template for `epic chat` / `epic web`: MODEL, or the one `epic demo` trained."""
-    from epic.chat import default_demo_model, load_chat_model
+def default_demo_model(root: Path = Path("epic-demo")) -> Path:
+    """The model `epic demo` trained under `root`: `models/tcd`, else its stage-1 or base model; else an error."""
+    for name in DEMO_MODELS:
+        folder = Path(root) / "models" / name
+        if (folder / "config.json").is_file():
+            return folder
+    looked = ", ".join(str(Path(root) / "models" / name) for name in DEMO_MODELS)
+    raise ValueError(
+        f"no model given and none trained by `epic demo` (looked for {looked}): run `epic demo` first, "
+        "or pass a LLaVA model folder"
+    )
 
+
+def chat_model(args: argparse.Namespace) -> LoadedLlava:
+    """Model, processor and template for `epic chat` / `epic web`: MODEL, or the one `epic demo` trained; the
+    template stored with it, else the tokenizer's own."""
     folder = Path(args.model) if args.model else default_demo_model()
     print(f"epic {args.command}: {folder}")
-    return load_chat_model(Path(llava_folder(str(folder))), args.template)
+    return load_llava(folder, args.template, fallback_template=TOKENIZER_TEMPLATE)
 
 
 def chat(args: argparse.Namespace) -> int:
     import torch
 
-    from epic.chat import ChatSession, chat_loop
+    from epic.chat import ChatSession
+    from epic.chat.terminal import chat_loop
     from epic.compression import default_tokens
     from epic.data.dataset import image_token_count
 

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from epic.cli.common import budget_list, compression_of, existing, llava_folder, load_llava
-from epic.models.tiny import PRESETS
+from epic.cli.common import budget_list, compression_of, existing, one_of
+from epic.models.loading import llava_folder, load_llava, load_llava_model
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -19,6 +19,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from epic.eval.tasks import LOADERS, TASKS, chance_level
 
     torch.set_num_threads(args.threads)
+    one_of(args.task, TASKS, "--task")
     llava_folder(args.model)
     data = existing(args.data, "--data")
     model, processor, template = load_llava(args.model, args.template)
@@ -61,7 +62,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def evaluate_grid(args: argparse.Namespace, model, processor, template, items, image_tokens: int, rows: str) -> int:
     """`epic eval --methods A,B --tokens N1,N2,...`: every method at every budget, a table, grid.json and a plot."""
-    from epic.compression import METHODS
+    from epic.compression.registry import method_names
     from epic.eval.grid import grid_table, plot_grid, run_grid
     from epic.eval.tasks import chance_level
 
@@ -69,11 +70,9 @@ def evaluate_grid(args: argparse.Namespace, model, processor, template, items, i
         raise ValueError(f"a grid (--methods) needs --tokens, e.g. --tokens {image_tokens},{image_tokens // 9}")
     budgets = budget_list(args.tokens)
     methods = args.grid_methods.split(",")
-    unknown = [method for method in methods if method not in METHODS]
+    unknown = [method for method in methods if method not in method_names()]
     if unknown:
-        raise ValueError(
-            f"unknown compression method(s) {', '.join(unknown)}: choose from {', '.join(sorted(METHODS))}"
-        )
+        raise ValueError(f"unknown compression method(s) {', '.join(unknown)}: choose from {', '.join(method_names())}")
     out = Path(args.out)
     print(
         f"epic eval: {args.model} | {', '.join(methods)} at {args.tokens} of {image_tokens} visual tokens from "
@@ -141,17 +140,15 @@ def bench(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     from epic.eval.bench import bench_settings, format_bench, plot_bench, run_bench, synthetic_prompt
-    from epic.models.tiny import build_tiny_llava
+    from epic.models.tiny import PRESETS, build_tiny_llava
 
     torch.set_num_threads(args.threads)
+    one_of(args.preset, PRESETS, "--preset")
     dtype = getattr(torch, args.dtype)
     if args.model:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            llava_folder(args.model), dtype=dtype, attn_implementation=args.attn
-        )
+        model = load_llava_model(args.model, dtype=dtype, attn_implementation=args.attn)
     else:
         model = build_tiny_llava(PRESETS[args.preset], attn_implementation=args.attn, dtype=dtype)
     model = model.to(args.device).eval()

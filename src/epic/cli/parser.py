@@ -8,6 +8,7 @@ from epic import __version__
 from epic.cli import commands, evaluation
 from epic.cli.common import HelpFormatter, default_threads
 from epic.compression.registry import method_names
+from epic.models.presets import PRESETS
 
 LAYER_HELP = "K, the first decoder layer that sees only the kept tokens"
 THREADS_HELP = "torch threads (default: $OMP_NUM_THREADS, else 1)"
@@ -36,7 +37,7 @@ def _compression_arguments(parser: argparse.ArgumentParser, tokens_help: str) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every command and option. Torch-free: choices that only a torch-importing registry can list (tasks, presets,
+    """Every command and option. Torch-free: choices that only a torch-importing registry can list (tasks,
     templates) are checked when the command runs, with the list in the one-line error."""
     methods = ", ".join(method_names())
     parser = argparse.ArgumentParser(
@@ -174,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--preset",
         default="demo",
-        help="model shape without MODEL, a preset of epic.models.tiny (demo: 196 visual tokens, 512 wide, where "
-        "savings show on a CPU; tiny: its timings are overhead; llava-7b: LLaVA-1.5-7B's decoder; a name it lacks "
-        "is refused with the list)",
+        help=f"model shape without MODEL, one of {', '.join(PRESETS)} (demo: 196 visual tokens, 512 wide, where "
+        "savings show on a CPU; tiny: its timings are overhead; cpu-wide: 576 visual tokens, 1024 wide; llava-7b: "
+        "LLaVA-1.5-7B's decoder)",
     )
     bench.add_argument(
         "--methods", default="dart,fastv,random", help=f"methods to measure, comma-separated ({methods})"

@@ -109,6 +109,11 @@ MISTAKES = {  # argv (from the saved folder) -> what the one line must say
     ),
     "bench: unknown preset": (lambda f: ["bench", "--preset", "nope"], "epic bench: ", "is not one of tiny, demo,"),
     "bench: tokens not numbers": (lambda f: ["bench", "--tokens", "a,b"], "epic bench: ", "whole numbers"),
+    "bench: one new token": (
+        lambda f: ["bench", "--new-tokens", "1"],
+        "epic bench: ",
+        "--new-tokens 1: decoding speed needs at least 2 new tokens",
+    ),
     "data check: missing file": (lambda f: ["data", "check", str(f / "nothere.json")], "epic data: ", "no such file"),
     "chat: missing model": (
         lambda f: ["chat", str(f / "nothere"), "--image", str(f / "scene.png")],
@@ -253,3 +258,14 @@ def test_default_demo_model_prefers_tcd_then_stage1_then_base(tmp_path):
         (tmp_path / "models" / name).mkdir(parents=True)
         (tmp_path / "models" / name / "config.json").write_text("{}")
         assert default_demo_model(tmp_path) == tmp_path / "models" / name
+
+
+def test_bench_presets_in_help_come_from_the_presets(monkeypatch, capsys):
+    """A preset added to epic.models.presets is listed by `epic bench --help` (the parser reads the table)."""
+    from epic.models.presets import PRESETS, TinyLlavaSpec
+
+    monkeypatch.setitem(PRESETS, "wide-test", TinyLlavaSpec(hidden_size=128))
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "one of tiny, demo, cpu-wide, llava-7b, wide-test" in " ".join(capsys.readouterr().out.split())

@@ -141,11 +141,20 @@ def bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from epic.eval.bench import bench_settings, format_bench, plot_bench, run_bench, synthetic_prompt
-    from epic.models.tiny import PRESETS, build_tiny_llava
+    from epic.eval.bench import (
+        bench_settings,
+        check_bench_options,
+        format_bench,
+        plot_bench,
+        run_bench,
+        synthetic_prompt,
+    )
+    from epic.models.presets import PRESETS
+    from epic.models.tiny import build_tiny_llava
 
     torch.set_num_threads(args.threads)
     one_of(args.preset, PRESETS, "--preset")
+    check_bench_options(args.new_tokens, args.repeats)
     dtype = getattr(torch, args.dtype)
     if args.model:
         model = load_llava_model(args.model, dtype=dtype, attn_implementation=args.attn)

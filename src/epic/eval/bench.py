@@ -203,6 +203,14 @@ def synthetic_prompt(model, text_tokens: int = 40, batch: int = 1, seed: int = 0
     }
 
 
+def check_bench_options(new_tokens: int, repeats: int) -> None:
+    """Refuse settings that measure nothing: decoding speed is taken over the steps after the first new token."""
+    if new_tokens < 2:
+        raise ValueError(f"--new-tokens {new_tokens}: decoding speed needs at least 2 new tokens (e.g. 8)")
+    if repeats < 1:
+        raise ValueError(f"--repeats {repeats}: time each configuration at least once (e.g. 3)")
+
+
 def run_bench(
     model,
     inputs: dict[str, torch.Tensor],
@@ -218,6 +226,7 @@ def run_bench(
     The reference is timed again right before each configuration, so drift over the run hits both alike; its row
     is the median over all of those samples, and it is the number the ratios divide by.
     """
+    check_bench_options(new_tokens, repeats)
     shape = DecoderShape.from_config(model.config)
     rows, length = inputs["input_ids"].shape
     visual = int((inputs["input_ids"] == model.config.image_token_id).sum()) // max(rows, 1)

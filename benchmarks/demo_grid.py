@@ -18,10 +18,11 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from epic.demo import demo_config
-from epic.demo.config import DemoConfig
+from epic.demo.config import ARMS, DemoConfig
 from epic.demo.exposure import budget_exposure
-from epic.demo.pipeline import ARMS, Job, epic_command, eval_job, run_jobs, stage2_arguments
+from epic.demo.jobs import Job, epic_command, eval_job, run_jobs
 from epic.demo.results import accuracy, read_grid
+from epic.demo.training import stage2_arguments
 
 
 def parse_point(text: str, config: DemoConfig) -> tuple[str, DemoConfig, dict[str, str]]:

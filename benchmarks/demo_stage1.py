@@ -17,9 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from epic.demo import demo_config
-from epic.demo.pipeline import eval_job, prepare_data, run_jobs, stage1_files, train_stage1
+from epic.demo.jobs import eval_job, run_jobs
 from epic.demo.report import NEAR_CHANCE, STAGE1_BAR
 from epic.demo.results import read_metrics
+from epic.demo.training import prepare_data, stage1_files, train_stage1
 
 
 def stage1_scores(seed: int, workers: int, out: Path) -> tuple[float, float]:

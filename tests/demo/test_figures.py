@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from epic.demo import demo_config
+from epic.demo.config import arm_runs
 from epic.demo.figures import plot_accuracy, plot_headline
-from epic.demo.pipeline import arm_runs
 from epic.demo.report import LABELS, SHORT
 from tests.demo.test_report import write_grid
 

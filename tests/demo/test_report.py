@@ -1,13 +1,18 @@
-"""The report's tables and checks read every seed where every seed was evaluated, and only the first elsewhere."""
+"""The report renders from the stages' files alone: its tables hold exactly their numbers, every seed where every
+seed was evaluated and only the first elsewhere, and a missing file stops it before anything is written."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
+import pytest
+
 from epic.demo import demo_config
-from epic.demo.pipeline import arm_runs
-from epic.demo.report import checks, headline
+from epic.demo.config import arm_runs
+from epic.demo.report import checks, headline, write_report
 from epic.demo.results import quick_banner
+from tests.demo.report_checks import check_report
 
 
 def write_grid(out, name, rows):
@@ -32,6 +37,64 @@ def write_scores(config, out, own=99.4):
     for name, value in (("stage1-own", own), ("sft-blank", 16.0)):
         (out / "eval" / name).mkdir(parents=True)
         (out / "eval" / name / "metrics.json").write_text(json.dumps({"overall": value}))
+
+
+def write_stage_files(config, out):
+    """Every file the report reads, each accuracy a different number (so a misplaced cell shows), and measures
+    with numbers of their own."""
+    full, values = config.image_tokens, itertools.count(start=1.0, step=0.7)
+    for name, _, _ in [("stage1", "stage1", 0), *arm_runs(config)]:
+        cells = [("none", full)] + [(m, t) for m in config.methods for t in config.budgets[1:]]
+        write_grid(out, name, [(method, tokens, round(next(values), 2)) for method, tokens in cells])
+    for name, value in (("stage1-own", 95.5), ("sft-blank", 16.0)):
+        (out / "eval" / name).mkdir(parents=True)
+        (out / "eval" / name / "metrics.json").write_text(json.dumps({"overall": value}))
+    measures = out / "measures"
+    measures.mkdir()
+    exposure = {
+        arm: {"steps": 20, "steps_at_budget": index, "lr_share_at_budget": index / 7, "mean_kept_tokens": 7 + index}
+        | {"first_step_at_budget": None if index == 0 else 20 - index, "kept_tokens": [7] * 20}
+        for index, (name, arm, _) in enumerate(arm_runs(config))
+        if name == arm
+    }
+    (measures / "exposure.json").write_text(json.dumps(exposure))
+    logs = {"stage1": [{"loss": 1.0, "step": 5}]} | {name: [] for name, _, _ in arm_runs(config)}
+    logs["tcd"] = [{"kd_loss": 0.51234, "step": 1}, {"kd_loss": 0.25678, "step": 2}, {"loss": 0.3, "step": 2}]
+    (measures / "training-logs.json").write_text(json.dumps(logs))
+    cost = {"model": "stage1", "batch": 8, "rows": [], "table": "method  kept  prefill ms\nnone      64  1.00"}
+    (measures / "cost.json").write_text(json.dumps(cost))
+    pictures = [{"model": "sft", "file": "kept-sft-0.png", "item": {}, "kept": []}]
+    (measures / "pictures.json").write_text(json.dumps(pictures))
+
+
+def test_every_table_cell_is_the_number_of_its_stage_file(tmp_path):
+    config = demo_config(quick=True, seeds=2)
+    write_stage_files(config, tmp_path)
+    write_report(config, tmp_path)
+    check_report(config, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| TCD (EPIC) | 0.5123 | 0.2568 |" in report  # the KD loss's first and last log
+    assert "95.5% on its own questions" in report and "16.0% on blank images" in report
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "eval/tcd/grid.json",
+        "eval/sft-blank/metrics.json",
+        "measures/exposure.json",
+        "measures/cost.json",
+        "measures/pictures.json",
+        "measures/training-logs.json",
+    ],
+)
+def test_a_missing_stage_file_stops_the_report_before_it_is_written(tmp_path, missing):
+    config = demo_config(quick=True)
+    write_stage_files(config, tmp_path)
+    (tmp_path / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / missing} is missing"):
+        write_report(config, tmp_path)
+    assert not (tmp_path / "report.md").exists()
 
 
 def test_a_stage1_below_chance_is_called_so_not_only_below_the_bar(tmp_path):

@@ -1,4 +1,4 @@
-"""What `epic demo` runs: the data, the model shape, the training budgets and the evaluation grid, in one place.
+"""What `epic demo` runs: the data, the model shape, the training budgets, the arms and their seeds, in one place.
 
 The paper's budgets for LLaVA-1.5's 576 visual tokens map proportionally onto the demo's N tokens
 (576 -> N, 192 -> N/3, 128 -> 2N/9, 64 -> N/9, 36 -> N/16); the headline budget is N/9.
@@ -240,3 +240,28 @@ def demo_config(quick: bool = False, seed: int = 0, from_base: bool = False, **o
     earlier fine-tune-a-converged-base experiment."""
     preset = (FROM_BASE if from_base else {}) | (QUICK if quick else {})
     return replace(DemoConfig(seed=seed), **(preset | overrides))
+
+
+ARMS = ("sft", "direct", "tcd", "tcd-nokd", "lcd")  # stage 2, in the reports' order
+HEADLINE_ARMS = ("direct", "tcd", "tcd-nokd")  # trained with `config.seeds` seeds; the others with the first
+KD_ARMS = ("pt-sft", "dpt-sft-dft")  # `epic demo --kd`: LLaVA-KD's ablation, without KD and with it
+
+
+def model_name(arm: str, seed_index: int) -> str:
+    """`tcd` for the first fine-tuning seed, `tcd-seed2` for the second, ..."""
+    return arm if seed_index == 0 else f"{arm}-seed{seed_index + 1}"
+
+
+def arm_runs(config: DemoConfig) -> list[tuple[str, str, int]]:
+    """(model name, arm, seed) of every stage-2 run: the headline arms on every seed, the others on the first."""
+    runs = []
+    for index in range(config.seeds):
+        for arm in ARMS:
+            if index == 0 or arm in HEADLINE_ARMS:
+                runs.append((model_name(arm, index), arm, config.seed + index))
+    return runs
+
+
+def seed_names(config: DemoConfig, arm: str) -> list[str]:
+    """The model names of `arm`'s runs, first seed first."""
+    return [name for name, kind, _ in arm_runs(config) if kind == arm]

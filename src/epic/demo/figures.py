@@ -1,25 +1,18 @@
-"""The demo report's pictures and measured cost: accuracy against kept tokens, the headline with its seeds, what
-each method keeps, and the cost of each budget."""
+"""The demo report's plots, drawn from the evaluation files alone: accuracy against kept tokens, and the headline
+with its seeds. (What each method keeps is drawn by `epic.demo.measure`, which runs the models.)"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
-from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from epic.data.templates import get_template
-from epic.demo.config import DemoConfig
-from epic.demo.pipeline import seed_names
+from epic.demo.config import DemoConfig, seed_names
 from epic.demo.results import accuracy, mean, read_grid, stdev
-from epic.eval.bench import format_bench, run_bench, synthetic_prompt
 from epic.eval.grid import MARKERS, accuracy_axis, offsets
-from epic.eval.show import draw_kept, kept_patches
 
 
-def _suptitle(config: DemoConfig, figure) -> None:
+def _suptitle(config: DemoConfig, figure: Figure) -> None:
     figure.suptitle(
         f"tiny LLaVA ({config.image_tokens} visual tokens), shapes {'/'.join(config.question_types)} question, "
         f"{config.n_test} test items, CPU{' (--quick)' if config.quick else ''}",
@@ -73,40 +66,3 @@ def plot_headline(config: DemoConfig, out: Path, arms: list[str], labels: dict[s
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return figure
-
-
-def cost_table(config: DemoConfig, model_dir: Path, repeats: int = 5) -> str:
-    """FLOPs (formula), KV cache (measured and formula) and prefill time against full tokens, measured here."""
-    torch.set_num_threads(1)
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir).eval()
-    inputs = synthetic_prompt(model, text_tokens=30, batch=8, seed=config.seed)
-    with torch.inference_mode():
-        rows = run_bench(
-            model, inputs, [config.train_method], config.budgets[1:], config.layer, repeats, progress=False
-        )
-    return format_bench(rows)
-
-
-def pictures(config: DemoConfig, data: Path, models: dict[str, Path], out: Path) -> list[Path]:
-    """Kept tokens of every method at N/9 on the first test images, for each of `models`."""
-    items = json.loads((data / "test.json").read_text())[: config.pictures]
-    paths = []
-    for name, folder in models.items():
-        model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
-        processor = AutoProcessor.from_pretrained(folder)
-        template = get_template(config.template, processor.tokenizer)
-        for index, item in enumerate(items):
-            image, kept = kept_patches(
-                model,
-                processor,
-                template,
-                data / "images" / item["image"],
-                item["question"],
-                list(config.methods),
-                config.target_tokens,
-                config.layer,
-            )
-            path = out / f"kept-{name}-{index}.png"
-            draw_kept(image, kept, f"{item['question']}  (truth: {item['answer']})").save(path)
-            paths.append(path)
-    return paths

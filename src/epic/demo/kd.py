@@ -10,43 +10,27 @@ questions:
 - `dpt-sft-dft` (LLaVA-KD): DPT (the projector, CE + MDist + RDist against the teacher), SFT, then DFT
   (projector and LLM, CE + MDist + RDist).
 
-Everything lives in `OUT/kd/` and `kd-report.md` is written there; results of other settings are deleted.
+Everything lives in `OUT/kd/`: the runs, their evaluations (`eval/`), their training logs
+(`measures/training-logs.json`) and `kd-report.md`, rendered from those files by `epic.demo.kd_report`; results
+of other settings are deleted.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from epic.data.shapes import vocabulary_texts
-from epic.demo.config import DemoConfig
-from epic.demo.pipeline import (
-    STAGE1_KEY_FILE,
-    Job,
-    as_json,
-    epic_command,
-    eval_job,
-    prepare_data,
-    read_log,
-    run_jobs,
-    train_options,
-    train_stage1,
-)
-from epic.demo.results import accuracy, quick_banner, read_grid
+from epic.demo.config import KD_ARMS, DemoConfig
+from epic.demo.jobs import Job, as_json, epic_command, eval_job, run_jobs, train_options
+from epic.demo.kd_report import write_kd_report
+from epic.demo.measure import training_logs, write_json
+from epic.demo.results import LOGS_FILE, MEASURES
+from epic.demo.training import STAGE1_KEY_FILE, prepare_data, train_stage1
 from epic.models.factory import build_tiny_llava_with_processor, save_llava
-
-ARMS = ("pt-sft", "dpt-sft-dft")
-LABELS = {
-    "teacher": "teacher (the --from-base base)",
-    "pt-sft": "student, PT-SFT (no KD)",
-    "dpt-sft-dft": "student, DPT-SFT-DFT (LLaVA-KD)",
-}
+from epic.models.loading import load_llava_model
 
 
 @dataclass(frozen=True)
@@ -86,20 +70,19 @@ def stages(config: DemoConfig) -> list[list[Stage]]:
 
 def student_init(config: DemoConfig, teacher: Path, folder: Path) -> Path:
     """The student at initialisation: `config.kd_student_spec()` with the teacher's tokenizer and vision tower."""
-    from transformers import LlavaForConditionalGeneration
-
     if (folder / "config.json").is_file():
         return folder
     model, processor = build_tiny_llava_with_processor(
         vocabulary_texts(config.synth()), config.kd_student_spec(), config.seed
     )
-    tower = LlavaForConditionalGeneration.from_pretrained(teacher).model.vision_tower
+    tower = load_llava_model(teacher).model.vision_tower
     model.model.vision_tower.load_state_dict(tower.state_dict())
     save_llava(model, processor, folder, config.template)
     return folder
 
 
 def _forget_stale(config: DemoConfig, kd: Path, base_key: dict) -> None:
+    """Delete `kd` unless its `config.json` records these settings and this base model; then record them."""
     settings = {"kd": as_json(config.kd_key()), "base": base_key}
     record = kd / "config.json"
     if record.is_file() and json.loads(record.read_text()) == settings:
@@ -112,8 +95,8 @@ def _forget_stale(config: DemoConfig, kd: Path, base_key: dict) -> None:
 
 def run_kd_demo(config: DemoConfig, out: Path) -> Path:
     """The data and the base model (the teacher) as `epic demo --from-base` makes them (cached alike), then both
-    arms from one student initialisation, their evaluation and the teacher's; returns the path of
-    `kd/kd-report.md`."""
+    arms from one student initialisation, their evaluation and the teacher's, their training logs; returns the
+    path of `kd/kd-report.md`."""
     if not config.from_base:
         raise ValueError("the --kd teacher is the --from-base model: use demo_config(from_base=True)")
     out = Path(out)
@@ -123,7 +106,7 @@ def run_kd_demo(config: DemoConfig, out: Path) -> Path:
     kd = out / "kd"
     _forget_stale(config, kd, json.loads((teacher / STAGE1_KEY_FILE).read_text()))
     start = student_init(config, teacher, kd / "models" / "init")
-    latest = {arm: start for arm in ARMS}
+    latest = {arm: start for arm in KD_ARMS}
     rounds = stages(config)
     run_dirs: dict[str, Path] = {}  # every stage's run, in order: its name, its folder
     for index, round_ in enumerate(rounds):
@@ -145,74 +128,12 @@ def run_kd_demo(config: DemoConfig, out: Path) -> Path:
             jobs.append(Job(f"kd-{run}", epic_command("train", *arguments), run_dir / "final"))
             latest[stage.arm] = run_dir / "final"
         run_jobs(jobs, config.workers, kd / "logs", f"LLaVA-KD round {index + 1} of {len(rounds)}")
-    models = {"teacher": teacher} | {arm: latest[arm] for arm in ARMS}
+    models = {"teacher": teacher} | {arm: latest[arm] for arm in KD_ARMS}
     methods, test_file = [config.train_method], data / "test.json"
     evals = [
         eval_job(config, f"kd-eval-{name}", folder, test_file, kd / "eval" / name, methods, config.budgets)
         for name, folder in models.items()
     ]
     run_jobs(evals, config.workers, kd / "logs", "LLaVA-KD evaluation")
-    logs = {run: read_log(run_dir / "final") for run, run_dir in run_dirs.items()}
-    return write_kd_report(config, kd, logs)
-
-
-def write_kd_report(config: DemoConfig, kd: Path, logs: dict[str, list[dict]]) -> Path:
-    """Write `kd-report.md` for `epic demo --kd` (LLaVA-KD's PT-SFT against DPT-SFT-DFT) and print its headline."""
-    full, target, method = config.image_tokens, config.target_tokens, config.train_method
-    types = list(config.question_types)
-    grids = {name: read_grid(kd, name) for name in ("teacher", *ARMS)}
-    headline_table = [
-        f"| model | full tokens ({full}) | {method} at {target} tokens | " + " | ".join(types) + " (full) |",
-        "| --- | ---: | ---: |" + " ---: |" * len(types),
-    ]
-    for name, grid in grids.items():
-        values = [accuracy(grid, method, full, full), accuracy(grid, method, target, full)]
-        values += [accuracy(grid, method, full, full, kind) for kind in types]
-        headline_table.append(f"| {LABELS[name]} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
-    budgets = ["| model | " + " | ".join(str(b) for b in config.budgets) + " |"]
-    budgets.append("| --- |" + " ---: |" * len(config.budgets))
-    for name, grid in grids.items():
-        values = [accuracy(grid, method, tokens, full) for tokens in config.budgets]
-        budgets.append(f"| {LABELS[name]} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
-    losses = ["| run | steps | loss parts (first log -> last log) |", "| --- | ---: | --- |"]
-    for run, log in logs.items():
-        entries = [entry for entry in log if "loss" in entry] or [{}]
-        parts = [key for key in ("loss", *(f"{p}_loss" for p in ("ce", "res", "vis", "rel"))) if key in entries[0]]
-        text = ", ".join(f"{key} {entries[0][key]:.3f} -> {entries[-1][key]:.3f}" for key in parts) or "-"
-        steps = log[-1].get("step", "-") if log else "-"
-        losses.append(f"| {run} | {steps} | {text} |")
-    teacher = accuracy(grids["teacher"], method, full, full)
-    without, with_kd = (accuracy(grids[arm], method, full, full) for arm in ARMS)
-    checks = [
-        f"- Teacher at full tokens: {teacher:.1f}%; students: {without:.1f}% without KD (PT-SFT), {with_kd:.1f}% "
-        f"with LLaVA-KD (DPT-SFT-DFT), a difference of {with_kd - without:+.1f} points (one seed: read it with the "
-        "main demo's seed spread in mind).",
-        f"- The teacher's advantage over the student without KD: {teacher - without:+.1f} points (what "
-        "distillation can hand over).",
-    ]
-    spec = config.kd_student_spec()
-    sections = [
-        "# epic demo --kd: LLaVA-KD's ablation in miniature" + (" (--quick)" if config.quick else ""),
-        *([quick_banner(config)] if config.quick else []),
-        f"Measured on {platform.node()} ({platform.machine()}, {platform.python_version()}, torch "
-        f"{torch.__version__}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Teacher: the --from-base "
-        f"model ({config.num_layers} layers, hidden {config.hidden_size}). Student: {spec.num_layers} layers, hidden "
-        f"{spec.hidden_size}, the teacher's tokenizer and (frozen) vision tower. Both arms: the same initialisation, "
-        f"{config.kd_pt_steps + config.kd_sft_steps + config.kd_dft_steps} steps on the same questions. Test split: "
-        f"{config.n_test} questions.",
-        "## Headline (accuracy, %)",
-        "\n".join(headline_table),
-        "\n".join(checks),
-        f"## Accuracy (%) at every budget, {method} before layer {config.layer}",
-        "\n".join(budgets),
-        "## Training losses",
-        "\n".join(losses),
-        "## Configuration",
-        "```json\n" + json.dumps(config.kd_key(), indent=1) + "\n```",
-    ]
-    report = kd / "kd-report.md"
-    report.write_text("\n\n".join(sections) + "\n")
-    print("\n".join(headline_table))
-    print("\n".join(checks))
-    print(f"report: {report}")
-    return report
+    write_json(kd / MEASURES / LOGS_FILE, training_logs({run: run_dir / "final" for run, run_dir in run_dirs.items()}))
+    return write_kd_report(config, kd)

@@ -1,27 +1,37 @@
 """`report.md` of `epic demo`: the paper's comparison in miniature, measured in this run, with plots and settings.
 
-Every number comes from the evaluation files the demo wrote (`eval/<model>/grid.json`), from the runs' own
-options replayed (budget exposure), from the training logs (KD diagnostics) or is measured here (cost, kept-token
-pictures). What the comparison depends on (a stage-1 model that sees but does not yet answer, questions that need
-the image) and what the paper claims (TCD ahead of direct training, of the training-free model and of its own
-ablation without distillation) are stated as measured, a difference called only where it exceeds the seed spread.
+The report only renders: every number comes from a file the demo's stages wrote, the evaluations
+(`eval/<model>/grid.json`, `metrics.json`) and the measures (`measures/`: budget exposure replayed from the runs'
+own options, the training logs, the kept-token pictures, the cost of each budget; see `epic.demo.measure`); a
+missing one stops it. What the comparison depends on (a stage-1 model that sees but does not yet answer,
+questions that need the image) and what the paper claims (TCD ahead of direct training, of the training-free model
+and of its own ablation without distillation) are stated as measured, a difference called only where it exceeds
+the seed spread.
 """
 
 from __future__ import annotations
 
 import json
-import platform
-import time
 from pathlib import Path
 
-import torch
-
 from epic.data.shapes import chance_accuracy
-from epic.demo.config import DemoConfig
-from epic.demo.exposure import budget_exposure
-from epic.demo.figures import cost_table, pictures, plot_accuracy, plot_headline
-from epic.demo.pipeline import ARMS, arm_runs, model_name, read_log, seed_names, stage2_arguments
-from epic.demo.results import accuracy, mean, quick_banner, read_grid, read_metrics, spread, verdict
+from epic.demo.config import ARMS, DemoConfig, arm_runs, model_name, seed_names
+from epic.demo.figures import plot_accuracy, plot_headline
+from epic.demo.results import (
+    COST_FILE,
+    EXPOSURE_FILE,
+    LOGS_FILE,
+    PICTURES_FILE,
+    accuracy,
+    mean,
+    measured_on,
+    quick_banner,
+    read_grid,
+    read_measure,
+    read_metrics,
+    spread,
+    verdict,
+)
 
 LABELS = {
     "stage1": "stage-1 model (before stage 2)",
@@ -170,27 +180,27 @@ def generalisation(config: DemoConfig, out: Path) -> str:
     return "\n".join(lines)
 
 
-def exposure_table(config: DemoConfig, out: Path, data: Path, stage1: Path) -> str:
+def exposure_table(config: DemoConfig, out: Path) -> str:
     """Per arm (first seed): steps and share of the summed learning rate at the scored budget and layer."""
     lines = [
         f"| arm | steps at <= {config.target_tokens} tokens from layer {config.layer} | share of the learning rate "
         "| first such step | mean kept tokens |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for name, arm, seed in arm_runs(config):
+    exposures = read_measure(out, EXPOSURE_FILE)
+    for name, arm, _ in arm_runs(config):
         if name != arm:
             continue
-        arguments = stage2_arguments(config, data, out, stage1, name, arm, seed)
-        seen = budget_exposure(arguments, config.num_layers, config.image_tokens, config.target_tokens)
-        first = "-" if seen.first_step_at_budget is None else str(seen.first_step_at_budget)
+        seen = exposures[name]
+        first = "-" if seen["first_step_at_budget"] is None else str(seen["first_step_at_budget"])
         lines.append(
-            f"| {LABELS[arm]} | {seen.steps_at_budget} of {seen.steps} | {100 * seen.lr_share_at_budget:.1f}% | "
-            f"{first} | {seen.mean_kept_tokens:.1f} |"
+            f"| {LABELS[arm]} | {seen['steps_at_budget']} of {seen['steps']} | "
+            f"{100 * seen['lr_share_at_budget']:.1f}% | {first} | {seen['mean_kept_tokens']:.1f} |"
         )
     return "\n".join(lines)
 
 
-def kd_diagnostics(config: DemoConfig, out: Path, models: dict[str, Path]) -> str:
+def kd_diagnostics(config: DemoConfig, out: Path) -> str:
     """The KD loss at the start and the end of each distillation, and each model's own full-tokens advantage over
     the budget (what a consistency target at full tokens has to hand over)."""
     full, target, method = config.image_tokens, config.target_tokens, config.train_method
@@ -198,8 +208,9 @@ def kd_diagnostics(config: DemoConfig, out: Path, models: dict[str, Path]) -> st
         "| model | KD loss, first log | KD loss, last log | accuracy at full tokens | at the budget | gap |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    logs = read_measure(out, LOGS_FILE)
     for name in (config.stage1_name, *ARMS):
-        kd = [entry["kd_loss"] for entry in read_log(models[name]) if "kd_loss" in entry]
+        kd = [entry["kd_loss"] for entry in logs[name] if "kd_loss" in entry]
         grid = read_grid(out, name)
         at_full, at_budget = accuracy(grid, method, full, full), accuracy(grid, method, target, full)
         first, last = (f"{kd[0]:.4f}", f"{kd[-1]:.4f}") if kd else ("-", "-")
@@ -209,14 +220,15 @@ def kd_diagnostics(config: DemoConfig, out: Path, models: dict[str, Path]) -> st
     return "\n".join(lines)
 
 
-def write_report(config: DemoConfig, out: Path, data: Path, models: dict[str, Path]) -> Path:
-    """Write `report.md` (and its plots) and print the headline table and the checks."""
+def write_report(config: DemoConfig, out: Path) -> Path:
+    """Write `report.md` (and its plots) from the stages' files in `out`, and print the headline table and the
+    checks."""
     full, target = config.image_tokens, config.target_tokens
-    stage1 = models[config.stage1_name]
     headline_table, check_lines = headline(config, out), checks(config, out)
+    cost = read_measure(out, COST_FILE)
+    picture_files = [picture["file"] for picture in read_measure(out, PICTURES_FILE)]
     plot_accuracy(config, out, [config.stage1_name, *ARMS], LABELS, out / "accuracy.png")
     plot_headline(config, out, list(ARMS), SHORT, out / "headline.png")
-    picture_paths = pictures(config, data, {name: models[name] for name in ("sft", "tcd")}, out)
     stage1_text = (
         f"Stage 1 ({config.stage1_steps} steps, full tokens): "
         + (
@@ -233,8 +245,7 @@ def write_report(config: DemoConfig, out: Path, data: Path, models: dict[str, Pa
     sections = [
         "# epic demo: the EPIC experiment in miniature" + (" (--quick)" if config.quick else ""),
         *([quick_banner(config)] if config.quick else []),
-        f"Measured on {platform.node()} ({platform.machine()}, {platform.python_version()}, torch "
-        f"{torch.__version__}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. A tiny LLaVA "
+        f"{measured_on()}. A tiny LLaVA "
         f"({config.num_layers}-layer Llama, hidden {config.hidden_size}; one-layer CLIP tower) on the built-in shapes "
         f"set: {full} visual tokens per image, compression before layer {config.layer}, budgets {config.budgets} "
         f"(the paper's 576/192/128/64/36 scaled to {full}). Test split: {config.n_test} questions. {stage1_text}",
@@ -243,7 +254,7 @@ def write_report(config: DemoConfig, out: Path, data: Path, models: dict[str, Pa
         "\n".join(check_lines),
         "![headline](headline.png)",
         "## Budget exposure: how much of stage 2 trained at the scored budget",
-        exposure_table(config, out, data, stage1),
+        exposure_table(config, out),
         f"## Accuracy at every budget ({config.train_method}, first seed, %)",
         per_budget(config, out),
         f"## Generalisation: trained with {config.train_method}, evaluated with every method (first seed, %)",
@@ -252,11 +263,12 @@ def write_report(config: DemoConfig, out: Path, data: Path, models: dict[str, Pa
         "## Distillation: what there was to teach",
         "TCD's and LCD's teacher is the same model with milder compression; the gap is each model's own accuracy at "
         "full tokens over the budget on the test split.",
-        kd_diagnostics(config, out, models),
-        f"## Cost of each budget ({config.train_method}, batch of 8 prompts, one thread, measured in this run)",
-        "```\n" + cost_table(config, stage1) + "\n```",
+        kd_diagnostics(config, out),
+        f"## Cost of each budget ({config.train_method}, batch of {cost['batch']} prompts, one thread, measured in "
+        "this run)",
+        "```\n" + cost["table"] + "\n```",
         f"## What the methods keep ({target} of {full} tokens; the SFT model, then the TCD model)",
-        "\n".join(f"![kept tokens]({path.name})" for path in picture_paths),
+        "\n".join(f"![kept tokens]({file})" for file in picture_files),
         "## Configuration",
         "```json\n" + json.dumps(config.as_dict(), indent=1) + "\n```",
         "Models in `models/`, their training logs in `models/*/log_history.json`, predictions in `eval/`. Re-run "

@@ -1,25 +1,46 @@
-"""Reading the demo's evaluation files, and the one rule by which its reports call a difference."""
+"""Reading the files the demo's stages write (evaluations and measures), the one rule by which its reports call a
+difference, and the lines both reports share. Nothing here trains, measures or loads a model."""
 
 from __future__ import annotations
 
 import json
+import platform
 import statistics
+import time
+from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from epic.demo.config import DemoConfig
 
 Grid = dict[tuple[str, int], dict]  # (method, kept tokens) -> metrics; ("none", N) is full tokens
 
+MEASURES = "measures"  # the measuring stages' folder under the output folder (see epic.demo.measure)
+EXPOSURE_FILE, LOGS_FILE, PICTURES_FILE, COST_FILE = "exposure.json", "training-logs.json", "pictures.json", "cost.json"
+
+
+def read_stage_file(path: Path) -> Any:
+    """The JSON a stage wrote at `path`; a missing one is a FileNotFoundError naming it (a report is never written
+    from part of its results)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the stage that writes it has not run (run the demo again)")
+    return json.loads(path.read_text())
+
 
 def read_grid(folder: Path, name: str) -> Grid:
     """`folder/eval/<name>/grid.json`, keyed by (method, tokens)."""
-    rows = json.loads((folder / "eval" / name / "grid.json").read_text())
+    rows = read_stage_file(folder / "eval" / name / "grid.json")
     return {(row["method"], row["tokens"]): row["metrics"] for row in rows}
 
 
 def read_metrics(folder: Path, name: str) -> dict:
     """`folder/eval/<name>/metrics.json`: an evaluation at full tokens only."""
-    return json.loads((folder / "eval" / name / "metrics.json").read_text())
+    return read_stage_file(folder / "eval" / name / "metrics.json")
+
+
+def read_measure(folder: Path, file: str) -> Any:
+    """`folder/measures/<file>`: one measuring stage's record (EXPOSURE_FILE, LOGS_FILE, ...)."""
+    return read_stage_file(folder / MEASURES / file)
 
 
 def accuracy(grid: Grid, method: str, tokens: int, full: int, metric: str = "overall") -> float:
@@ -77,4 +98,12 @@ def quick_banner(config: DemoConfig) -> str:
         f"too small to learn the task ({sizes}), so every accuracy below is noise around chance "
         f"({config.chance():.1f}% on the scored question): read no difference from it. Run `epic demo` for the "
         "experiment."
+    )
+
+
+def measured_on() -> str:
+    """'Measured on HOST (machine, Python, torch version), DATE UTC': where and when a report was written."""
+    return (
+        f"Measured on {platform.node()} ({platform.machine()}, {platform.python_version()}, torch "
+        f"{version('torch')}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )

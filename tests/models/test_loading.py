@@ -80,3 +80,17 @@ def test_model_options_reach_from_pretrained(saved):
     assert load_llava(saved / "model", dtype=torch.bfloat16).model.dtype == torch.bfloat16
     model = load_llava_model(saved / "model", attn_implementation="eager")
     assert model.config._attn_implementation == "eager" and not model.training
+
+
+def test_pickled_weights_are_refused_in_one_line(saved, tmp_path):
+    """A folder whose weights are only `pytorch_model.bin` is refused before anything is unpickled."""
+    pickled = tmp_path / "pickled"
+    shutil.copytree(saved / "model", pickled)
+    for weights in pickled.glob("*.safetensors"):
+        weights.unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"not to be unpickled")
+    with pytest.raises(
+        ValueError, match=r"pickled: no \*\.safetensors weights; epic loads no pickled weights"
+    ) as error:
+        load_llava_model(pickled)
+    one_line_error(error)

@@ -54,10 +54,18 @@ def stored_template_name(folder: str | Path, fallback: str | None = None) -> str
 
 def load_llava_model(path: str | Path, **model_options: Any) -> Any:
     """The LlavaForConditionalGeneration of a LLaVA folder, in eval mode; `model_options` go to `from_pretrained`
-    (`dtype`, `attn_implementation`). For callers that need neither processor nor template (`epic bench`)."""
+    (`dtype`, `attn_implementation`). For callers that need neither processor nor template (`epic bench`).
+
+    Weights load from safetensors only: a folder with pickled weights (`pytorch_model.bin`) is refused, since
+    unpickling runs code; convert it once with a trusted `save_pretrained`."""
     from transformers import LlavaForConditionalGeneration
 
-    return LlavaForConditionalGeneration.from_pretrained(llava_folder(path), **model_options).eval()
+    folder = llava_folder(path)
+    if not any(Path(folder).glob("*.safetensors")):
+        raise ValueError(
+            f"{folder}: no *.safetensors weights; epic loads no pickled weights (re-save with save_pretrained)"
+        )
+    return LlavaForConditionalGeneration.from_pretrained(folder, use_safetensors=True, **model_options).eval()
 
 
 def load_llava(

@@ -19,7 +19,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "default_tokens": "budget",
     "Compression": "engine",
     "compress": "engine",
-    "Prefix": "batch",
+    "Prefix": "suffix",
     "run_suffix": "suffix",
     "CompressionMethod": "registry",
     "build_method": "registry",

@@ -18,7 +18,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "Budget": "budget",
     "default_tokens": "budget",
     "Compression": "engine",
-    "compress": "engine",
+    "compress": "api",
     "Prefix": "suffix",
     "run_suffix": "suffix",
     "CompressionMethod": "registry",

@@ -58,3 +58,14 @@ class CacheRecord:
             )
         self.attention_mask, self.slot_positions = plan.attention_mask, plan.slot_positions
         return plan
+
+
+def check_decoding(record: CacheRecord | None, cache: Any, inputs: dict[str, Any]) -> None:
+    """Refuse a decoding step on a cache no prefill under this compression filled (`record` None), or that
+    `record` does not describe."""
+    if record is None:
+        raise ValueError(
+            "this KV cache was not filled by a prefill under this compression; run the prefill "
+            "(or generate) inside the same epic.compress block"
+        )
+    record.check_continues(cache, inputs)

@@ -16,7 +16,8 @@ modeling code is copied. A forward meets the hooks in this order:
    own loss function.
 
 Every plan is keyed by its forward's rotary tensor, so gradient checkpointing recomputes layers with the same
-selection. The handle's state, who sets it (->) and who reads it (<-):
+selection. What one forward learns lives in one `forward.ForwardState`; `api.compress` builds the handle. The
+handle's state, who sets it (->) and who reads it (<-):
 
     _forward        -> model pre-hook, run_suffix; cleared by the model hook and at the end of run_suffix
                     <- scoring capture (writes .scores), layer K (writes .plan, .kept), LM-head pre-hook
@@ -37,7 +38,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,40 +47,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from epic.compat import Layout, cache_length, check_mask_fits_cache, language_model_of
 from epic.compression.attention import ScoringRoute
-from epic.compression.batch import BatchLayout, read_prefill
+from epic.compression.batch import read_prefill
 from epic.compression.budget import Budget, configured_image_tokens
-from epic.compression.decoding import CacheRecord
-from epic.compression.planning import (
-    Plan,
-    Scores,
-    attention_types,
-    build_masks,
-    gather_plan,
-    score_prompt,
-    select_kept,
-)
+from epic.compression.decoding import CacheRecord, check_decoding
+from epic.compression.forward import ForwardState
+from epic.compression.planning import Plan, attention_types, build_masks, gather_plan, score_prompt, select_kept
 from epic.compression.registry import CompressionMethod, resolve_method
 from epic.compression.suffix import Prefix, run_layers
 from epic.compression.trimming import last_mlp_of, mlp_at_rows
-from epic.labels import IGNORE_INDEX
-
-
-@dataclass
-class _Forward:
-    """What the hooks learn and decide during one forward of the model (or one `run_suffix`)."""
-
-    layout: BatchLayout | None = None  # None: a forward without images, or a decoding step
-    labels: torch.Tensor | None = None  # [B, L], held back from the model
-    loss_kwargs: dict[str, Any] = field(default_factory=dict)
-    logits_mask: torch.Tensor | None = None  # [B, L] bool: positions whose logits are wanted (original coordinates)
-    decode_mask: torch.Tensor | None = None  # [B, kv + q] the 2D mask of a decoding step; None unless decoding
-    scores: Scores | None = None  # from layer K-1
-    kept: list[list[torch.Tensor]] = field(default_factory=list)  # per row, per image: kept positions
-    plan: Plan | None = None
-
-    @property
-    def decoding(self) -> bool:
-        return self.decode_mask is not None
 
 
 class Compression:
@@ -139,7 +113,7 @@ class Compression:
 
         self._signature = inspect.signature(model.forward)
         self._layer_types = attention_types(self.text_config, len(layers))
-        self._forward: _Forward | None = None
+        self._forward: ForwardState | None = None
         self._paused = False
         self._plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # rotary cos of a forward -> Plan
         self._cache_record: CacheRecord | None = None
@@ -197,7 +171,7 @@ class Compression:
         if self.layer < start:
             raise ValueError(f"a suffix from layer {start} cannot compress at layer {self.layer}")
         logits_mask = logits_mask.to(prefix.hidden_states.device)
-        forward = _Forward(
+        forward = ForwardState(
             layout=prefix.layout, logits_mask=logits_mask, scores=prefix.scores if self.layer == start else None
         )
 
@@ -225,11 +199,9 @@ class Compression:
             torch.cuda.synchronize()
         self.scoring_seconds += time.perf_counter() - start
 
-    def _publish(self, forward: _Forward) -> None:
+    def _publish(self, forward: ForwardState) -> None:
         """Expose what a planned forward kept: `original_positions` of its slots and `kept` per row."""
-        plan = forward.plan
-        self.original_positions = torch.where(plan.valid, plan.gather_index, -1)
-        self.kept = [torch.cat(row).sort().values if row else torch.empty(0, dtype=torch.long) for row in forward.kept]
+        self.original_positions, self.kept = forward.published()
 
     # ----------------------------------------------------------------------------------------- model hooks
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -244,35 +216,26 @@ class Compression:
             raise ValueError("epic.compress needs input_ids to find the image tokens (got inputs_embeds only)")
         cache = self.layout.model_cache_in(inputs)
         if cache is not None and cache_length(cache) > 0:
-            self._check_decoding(cache, inputs)
+            check_decoding(self._cache_record, cache, inputs)
             mask = inputs.get("attention_mask")
             if mask is None:
                 shape = (input_ids.shape[0], cache_length(cache) + input_ids.shape[1])
                 mask = torch.ones(shape, dtype=torch.bool, device=input_ids.device)
-            self._forward = _Forward(decode_mask=mask)
+            self._forward = ForwardState(decode_mask=mask)
             return (), inputs
         if not (input_ids == self.image_token_id).any():
             batch_size, length = input_ids.shape
             self.kept = [torch.empty(0, dtype=torch.long) for _ in range(batch_size)]
             self.original_positions = torch.arange(length, device=input_ids.device).expand(batch_size, -1)
             self._cache_record = None
-            self._forward = _Forward()
+            self._forward = ForwardState()
             return (), inputs
         layout, labels, logits_mask = read_prefill(inputs, self.image_token_id)
         self.tokens_per_image = layout.tokens_per_image
         self.budget.resolve(layout.tokens_per_image)
         loss_kwargs = {key: inputs[key] for key in ("num_items_in_batch",) if key in inputs}
-        self._forward = _Forward(layout=layout, labels=labels, loss_kwargs=loss_kwargs, logits_mask=logits_mask)
+        self._forward = ForwardState(layout=layout, labels=labels, loss_kwargs=loss_kwargs, logits_mask=logits_mask)
         return (), inputs
-
-    def _check_decoding(self, cache: Any, inputs: dict[str, Any]) -> None:
-        record = self._cache_record
-        if record is None:
-            raise ValueError(
-                "this KV cache was not filled by a prefill under this compression; run the prefill "
-                "(or generate) inside the same epic.compress block"
-            )
-        record.check_continues(cache, inputs)
 
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self._paused:
@@ -294,14 +257,7 @@ class Compression:
             self._cache_record = CacheRecord(weakref.ref(cache), plan.attention_mask, plan.slot_positions, length)
         if forward.labels is None:
             return output
-        labels = torch.where(plan.valid, forward.labels.gather(1, plan.gather_index), IGNORE_INDEX)
-        logits = output[0] if isinstance(output, tuple) else output.logits
-        loss = module.loss_function(
-            logits=logits, labels=labels, vocab_size=self.text_config.vocab_size, **forward.loss_kwargs
-        )
-        if isinstance(output, tuple):
-            return (loss, *output)
-        return type(output)(loss=loss, **{key: value for key, value in output.items() if key != "loss"})
+        return forward.with_loss(module, output, self.text_config.vocab_size)
 
     def _before_lm_head(self, module: nn.Module, args: tuple) -> tuple | None:
         """With a boolean `logits_to_keep` (original coordinates), project only those rows: logits are [N, V]."""
@@ -322,7 +278,7 @@ class Compression:
         kwargs = {**kwargs, "epic_scoring": self._scoring.call(capture)}
         return args, kwargs
 
-    def _capture_for(self, forward: _Forward) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], None]:
+    def _capture_for(self, forward: ForwardState) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], None]:
         layout = forward.layout
 
         def capture(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
@@ -387,7 +343,7 @@ class Compression:
             kwargs["position_embeddings"] = plan.position_embeddings
         return (hidden_states, *args), kwargs
 
-    def _new_plan(self, forward: _Forward, hidden_states: torch.Tensor, kwargs: dict, cache: Any) -> Plan | None:
+    def _new_plan(self, forward: ForwardState, hidden_states: torch.Tensor, kwargs: dict, cache: Any) -> Plan | None:
         """The plan of this forward, made when it reaches layer K; None when it compresses nothing."""
         if forward.decoding:
             query_length = hidden_states.shape[1]
@@ -428,48 +384,3 @@ class Compression:
             cache=cache,
             like=like,
         )
-
-
-def compress(
-    model: nn.Module,
-    method: str | CompressionMethod = "dart",
-    *,
-    tokens: int | None = None,
-    ratio: float | None = None,
-    layer: int = 2,
-    seed: int = 0,
-    profile: bool = False,
-    record_prefix: bool = False,
-    trim_last_layer: bool = False,
-    **options: Any,
-) -> Compression:
-    """Compress the visual tokens of `model` before decoder layer `layer`.
-
-    Args:
-        model: a transformers LLaVA-family model (`LlavaForConditionalGeneration`).
-        method: a registered method name (see `epic.compression.METHODS`) or a method instance.
-        tokens: exact number of visual tokens kept per image; or
-        ratio: fraction dropped, meaning `tokens = round(N * (1 - ratio))` for an image of N tokens.
-        layer: K, the first decoder layer that sees the compressed sequence (1 <= K < num_layers).
-        seed: seeds the generator of methods that draw at random.
-        profile: synchronise the GPU around scoring so `scoring_seconds` is exact.
-        record_prefix: keep what enters layer K in `.prefix`, so `run_suffix` can run the layers from K again under
-            another compression without recomputing the layers below (a distillation teacher).
-        trim_last_layer: in a forward with a boolean `logits_to_keep`, run the last decoder layer's MLP at those
-            positions only: their logits are exact, the other positions of the final hidden states are left
-            incomplete. Saves most of a layer in training steps that use only the supervised positions' logits.
-        **options: the method's options, e.g. `pivots_image=4, pivots_text=4` for DART.
-
-    Returns a `Compression` handle: a context manager, or call `.remove()` to detach it.
-    """
-    return Compression(
-        model,
-        method,
-        budget=Budget(tokens=tokens, ratio=ratio),
-        layer=layer,
-        seed=seed,
-        profile=profile,
-        options=options,
-        record_prefix=record_prefix,
-        trim_last_layer=trim_last_layer,
-    )

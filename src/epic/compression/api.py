@@ -1,0 +1,56 @@
+"""`compress`, the entry point: attach a method to a model with a budget, returning the `Compression` handle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from epic.compression.budget import Budget
+from epic.compression.engine import Compression
+from epic.compression.registry import CompressionMethod
+
+
+def compress(
+    model: nn.Module,
+    method: str | CompressionMethod = "dart",
+    *,
+    tokens: int | None = None,
+    ratio: float | None = None,
+    layer: int = 2,
+    seed: int = 0,
+    profile: bool = False,
+    record_prefix: bool = False,
+    trim_last_layer: bool = False,
+    **options: Any,
+) -> Compression:
+    """Compress the visual tokens of `model` before decoder layer `layer`.
+
+    Args:
+        model: a transformers LLaVA-family model (`LlavaForConditionalGeneration`).
+        method: a registered method name (see `epic.compression.METHODS`) or a method instance.
+        tokens: exact number of visual tokens kept per image; or
+        ratio: fraction dropped, meaning `tokens = round(N * (1 - ratio))` for an image of N tokens.
+        layer: K, the first decoder layer that sees the compressed sequence (1 <= K < num_layers).
+        seed: seeds the generator of methods that draw at random.
+        profile: synchronise the GPU around scoring so `scoring_seconds` is exact.
+        record_prefix: keep what enters layer K in `.prefix`, so `run_suffix` can run the layers from K again under
+            another compression without recomputing the layers below (a distillation teacher).
+        trim_last_layer: in a forward with a boolean `logits_to_keep`, run the last decoder layer's MLP at those
+            positions only: their logits are exact, the other positions of the final hidden states are left
+            incomplete. Saves most of a layer in training steps that use only the supervised positions' logits.
+        **options: the method's options, e.g. `pivots_image=4, pivots_text=4` for DART.
+
+    Returns a `Compression` handle: a context manager, or call `.remove()` to detach it.
+    """
+    return Compression(
+        model,
+        method,
+        budget=Budget(tokens=tokens, ratio=ratio),
+        layer=layer,
+        seed=seed,
+        profile=profile,
+        options=options,
+        record_prefix=record_prefix,
+        trim_last_layer=trim_last_layer,
+    )

@@ -32,8 +32,10 @@ import torch
 import epic
 from epic.distill import StepPlan, distilled_positions
 from epic.eval.bench import memory_growth_during
+from epic.labels import IGNORE_INDEX
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
-from epic.train.kd import KDWeights, LlavaKDLoss
+from epic.train.kd import KDStep, KDWeights
+from epic.train.step import Compressor, StepContext
 
 VISION = {"image_size": 378, "patch_size": 14, "vision_hidden_size": 64, "vision_layers": 1, "vision_heads": 2}
 PRESETS = {
@@ -78,7 +80,7 @@ def make_batch(spec: TinyLlavaSpec, rows: int, prompt: int, answer: int, device:
     text = lambda n: torch.randint(3, 3000, (rows, n), generator=generator)  # noqa: E731
     image = torch.full((rows, spec.image_tokens), spec.image_token_id)
     input_ids = torch.cat([torch.ones(rows, 1, dtype=torch.long), text(5), image, text(prompt), text(answer)], dim=1)
-    labels = torch.full_like(input_ids, -100)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, -answer:] = input_ids[:, -answer:]
     pixel_values = torch.randn(rows, 3, spec.image_size, spec.image_size, generator=generator)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
@@ -120,10 +122,11 @@ def step_function(name: str, student, teacher, batch, vocab: int) -> Callable[[]
 
         return compressed_sft
     plan = StepPlan(ratio if name == "kd_tcd_64" else None, 2, None, layers, layers)
-    loss = LlavaKDLoss(KDWeights(), vocab)
+    step = KDStep(teacher, KDWeights(), vocab, Compressor("dart"))
+    context = StepContext(student, plan, seed=0)
 
     def kd() -> None:
-        result = loss(student, student, teacher, batch, plan, seed=0)
+        result = step(student, batch, context)
         result.loss.backward()
         if result.student is not None:
             result.student.remove()

@@ -39,8 +39,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import epic
 from epic.distill import StepPlan, ce_rows, distilled_positions
 from epic.eval.bench import memory_growth_during
+from epic.labels import IGNORE_INDEX
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
-from epic.train.step import ConsistencyLoss
+from epic.train.consistency import ConsistencyStep
+from epic.train.step import Compressor, StepContext
 
 SPEC = TinyLlavaSpec(
     vocab_size=4000,
@@ -83,7 +85,7 @@ def make_batch(rows: int, prompt: int, answer: int) -> dict[str, torch.Tensor]:
         ],
         dim=1,
     )
-    labels = torch.full_like(input_ids, -100)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, -answer:] = input_ids[:, -answer:]
     pixel_values = torch.randn(rows, 3, SPEC.image_size, SPEC.image_size, generator=generator)
     return {
@@ -128,7 +130,7 @@ def released_style(model, batch, plan: StepPlan, method: str, alpha: float) -> t
     student_logits = full_length(out.logits, student.original_positions)
     teacher_log = F.log_softmax(teacher_logits.float(), dim=-1)
     kl = (teacher_log.exp() * (teacher_log - F.log_softmax(student_logits.float(), dim=-1))).sum(-1)
-    mask = batch["labels"] != -100
+    mask = batch["labels"] != IGNORE_INDEX
     loss = alpha * (kl * mask).sum() / mask.sum() + (1 - alpha) * out.loss
     loss.backward()
     student.remove()
@@ -160,10 +162,11 @@ def step_function(name: str, model, batch, method: str) -> Callable[[], None]:
     plan = plans(layers)[name]
     if name.startswith("released"):
         return lambda: released_style(model, batch, plan, method, alpha=0.5)
-    loss = ConsistencyLoss(method, {}, alpha=0.5)
+    step = ConsistencyStep(Compressor(method), alpha=0.5)
+    context = StepContext(model, plan, seed=0)
 
     def consistency() -> None:
-        result = loss(model, model, batch, plan, seed=0)
+        result = step(model, batch, context)
         result.loss.backward()
         result.student.remove()
 

@@ -16,6 +16,7 @@ from epic.distill import (
     visual_kd_loss,
     visual_kd_rows,
 )
+from epic.labels import IGNORE_INDEX
 
 IMAGE = 9  # the image token id of these batches
 N = 3  # visual tokens per image
@@ -152,7 +153,7 @@ def test_relation_stays_fp32_under_autocast():
 def test_response_part_is_the_shifted_kd_loss():
     """MDist's response part: KL at t where labels[t + 1] is supervised (the image positions are not)."""
     input_ids = batch_ids()
-    labels = torch.full_like(input_ids, -100)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[0, 5:7] = 5
     labels[3, 7:9] = 5
     student, teacher = logits(8), logits(9)

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from epic.distill import ce_rows, distilled_positions, kd_loss, kl_rows
+from epic.labels import IGNORE_INDEX
+
+X = IGNORE_INDEX  # an unsupervised label
 
 
 def reference_kd(student, teacher, labels, temperature=1.0):
@@ -15,7 +18,7 @@ def reference_kd(student, teacher, labels, temperature=1.0):
     total, count = 0.0, 0
     for b in range(labels.shape[0]):
         for t in range(labels.shape[1] - 1):
-            if labels[b, t + 1] == -100:
+            if labels[b, t + 1] == IGNORE_INDEX:
                 continue
             p = torch.softmax(teacher[b, t].double() / temperature, -1).tolist()
             q = torch.softmax(student[b, t].double() / temperature, -1).tolist()
@@ -29,7 +32,7 @@ def test_kd_loss_matches_a_position_by_position_computation(temperature):
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(2, 7, 11, generator=generator)
     teacher = torch.randn(2, 7, 11, generator=generator)
-    labels = torch.full((2, 7), -100)
+    labels = torch.full((2, 7), IGNORE_INDEX)
     labels[0, 4:6] = 3
     labels[1, 2:7] = 5
     expected = reference_kd(student, teacher, labels, temperature)
@@ -37,7 +40,7 @@ def test_kd_loss_matches_a_position_by_position_computation(temperature):
 
 
 def test_the_logit_before_the_first_answer_token_is_distilled_and_the_one_after_the_last_is_not():
-    labels = torch.tensor([[-100, -100, -100, 7, 8, -100, -100]])  # answer at positions 3 and 4
+    labels = torch.tensor([[X, X, X, 7, 8, X, X]])  # answer at positions 3 and 4
     assert distilled_positions(labels).nonzero()[:, 1].tolist() == [2, 3]
     student = torch.zeros(1, 7, 5)
     teacher = torch.zeros(1, 7, 5)
@@ -50,7 +53,7 @@ def test_the_logit_before_the_first_answer_token_is_distilled_and_the_one_after_
 
 def test_identical_logits_give_zero_and_fp32_is_used():
     logits = torch.randn(1, 5, 9).to(torch.bfloat16)
-    labels = torch.tensor([[-100, 1, 2, 3, -100]])
+    labels = torch.tensor([[X, 1, 2, 3, X]])
     loss = kd_loss(logits, logits.clone(), labels)
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(0.0, abs=1e-6)
 

@@ -26,8 +26,10 @@ from epic.distill import (
 from epic.models.factory import build_tiny_llava_with_processor, save_llava, tiny_processor, word_tokenizer
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from epic.train.config import parse_recipe
-from epic.train.kd import KDWeights, LlavaKDLoss, check_same_tokenizer, check_teacher, kd_weights
+from epic.train.kd import KDStep, KDWeights, kd_weights
 from epic.train.run import build_model, build_trainer, prepare_model, run_training
+from epic.train.step import Compressor, StepContext, StepOutput
+from epic.train.teacher import check_same_tokenizer, check_teacher
 from tests.helpers import Row, make_batch
 from tests.train.conftest import tiny_options
 from tests.train.test_distributed import TORCHRUN, assert_same_weights, train_on_two_processes
@@ -43,6 +45,12 @@ def models() -> tuple[LlavaForConditionalGeneration, LlavaForConditionalGenerati
     return build_tiny_llava(SPEC), build_tiny_llava(TEACHER_SPEC, seed=1)
 
 
+def kd_step(student, teacher, batch, plan: StepPlan, weights: KDWeights | None = None) -> StepOutput:
+    """One KD step of an unwrapped student, each micro-batch normalised by its own counts."""
+    step = KDStep(teacher, weights or KDWeights(), VOCAB, Compressor("dart"))
+    return step(student, batch, StepContext(student, plan, seed=0))
+
+
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_kd_step_matches_full_forwards(padding):
     """Every part against full [B, L, V] forwards of both models, on a padded batch with a two-image row and a row
@@ -56,17 +64,18 @@ def test_kd_step_matches_full_forwards(padding):
     ids, labels = batch["input_ids"], batch["labels"]
     parts = {
         "ce": full.loss,
-        "response": kd_loss(student_logits, teacher_logits, labels),
-        "visual": visual_kd_loss(student_logits, teacher_logits, ids, 255, SPEC.image_tokens),
-        "relation": relation_loss(student_logits, teacher_logits, ids, 255, SPEC.image_tokens),
+        "res": kd_loss(student_logits, teacher_logits, labels),
+        "vis": visual_kd_loss(student_logits, teacher_logits, ids, 255, SPEC.image_tokens),
+        "rel": relation_loss(student_logits, teacher_logits, ids, 255, SPEC.image_tokens),
     }
     weights = KDWeights(response=1.0, visual=0.7, relation=0.5)
-    result = LlavaKDLoss(weights, VOCAB)(student, student, teacher, batch, StepPlan(None, 2, None, 4, 4), seed=0)
+    result = kd_step(student, teacher, batch, StepPlan(None, 2, None, 4, 4), weights)
+    assert list(result.parts) == list(parts)
     for name, value in parts.items():
-        torch.testing.assert_close(getattr(result, name), value.detach(), atol=1e-5, rtol=1e-4)
-    expected = parts["ce"] + parts["response"] + 0.7 * parts["visual"] + 0.5 * parts["relation"]
+        torch.testing.assert_close(result.parts[name].value, value.detach(), atol=1e-5, rtol=1e-4)
+    expected = parts["ce"] + parts["res"] + 0.7 * parts["vis"] + 0.5 * parts["rel"]
     torch.testing.assert_close(result.loss, expected.detach(), atol=1e-5, rtol=1e-4)
-    assert result.images == 4 and result.student is None
+    assert result.parts["vis"].count == result.parts["rel"].count == 4 and result.student is None
     result.loss.backward()
     assert all(parameter.grad is None for parameter in teacher.parameters())
     assert student.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
@@ -92,17 +101,17 @@ def test_kd_tcd_step_distils_the_visual_tokens_the_student_kept(padding):
     def teacher_at(mask):
         return teacher_logits[rows[mask], slots[mask]]
 
-    plan = StepPlan(ratio, 2, None, 4, 4)
-    result = LlavaKDLoss(KDWeights(), VOCAB)(student, student, teacher, batch, plan, seed=0)
+    result = kd_step(student, teacher, batch, StepPlan(ratio, 2, None, 4, 4))
     result.student.remove()
+    parts = {name: part.value for name, part in result.parts.items()}
     assert int(visual.sum()) == kept * 4
-    torch.testing.assert_close(result.ce, out.loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(parts["ce"], out.loss, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(
-        result.response, kl_rows(student_logits[response], teacher_at(response)), atol=1e-5, rtol=1e-4
+        parts["res"], kl_rows(student_logits[response], teacher_at(response)), atol=1e-5, rtol=1e-4
     )
     vis_student, vis_teacher = student_logits[visual], teacher_at(visual)
-    torch.testing.assert_close(result.visual, visual_kd_rows(vis_student, vis_teacher, kept), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(result.relation, relation_rows(vis_student, vis_teacher, kept), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(parts["vis"], visual_kd_rows(vis_student, vis_teacher, kept), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(parts["rel"], relation_rows(vis_student, vis_teacher, kept), atol=1e-5, rtol=1e-4)
 
 
 def test_weight_presets():
@@ -203,7 +212,7 @@ def test_kd_finetune_saves_a_loadable_checkpoint(shapes, tmp_path, teacher_dir, 
 def test_the_teacher_is_frozen_outside_the_optimizer_and_never_changes(shapes, tmp_path, teacher_dir):
     argv = kd_options(shapes, tmp_path, teacher_dir, max_steps=2, teacher_dtype="bfloat16")
     trainer = build_trainer(*parse_recipe(None, argv))
-    teacher = trainer.teacher
+    teacher = trainer.step.teacher
     before = parameters(teacher)
     trainer.train()
     assert not teacher.training and next(teacher.parameters()).dtype == torch.bfloat16

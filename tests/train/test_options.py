@@ -10,7 +10,9 @@ from transformers import LlavaForConditionalGeneration
 
 from epic.data.shapes import SynthConfig, vocabulary_texts
 from epic.train.config import parse_recipe
-from epic.train.run import build_model, run_training
+from epic.train.consistency import ConsistencyStep
+from epic.train.run import build_model, build_trainer, run_training
+from epic.train.trainer import llava_of
 from tests.helpers import save_tiny_parts
 from tests.train.conftest import tiny_options
 
@@ -33,20 +35,39 @@ def test_lora_trains_adapters_and_saves_a_merged_plain_model(shapes, tmp_path):
     assert not any("vision_tower" in name or "embed_tokens" in name for name in changed)
 
 
-def test_projector_learning_rate_and_gradient_checkpointing(shapes, tmp_path):
-    argv = tiny_options(
-        shapes,
-        tmp_path,
-        max_steps=2,
-        projector_lr=0.01,
-        activation_checkpointing=True,
-        save_strategy="steps",
-        save_steps=2,
-    )
+def test_the_projector_trains_at_its_own_learning_rate(shapes, tmp_path):
+    argv = tiny_options(shapes, tmp_path, max_steps=2, projector_lr=0.01, save_strategy="steps", save_steps=2)
     run_training(*parse_recipe(None, argv))
     optimizer = torch.load(tmp_path / "checkpoint-2" / "optimizer.pt", weights_only=True)
     rates = sorted({group["initial_lr"] for group in optimizer["param_groups"]})
     assert rates == [1e-3, 0.01]
+
+
+def one_sgd_step(shapes, output_dir, checkpointing: bool) -> tuple[bool, int, float, dict[str, torch.Tensor]]:
+    """One TCD step (plain SGD at lr 1, so the weights show the gradient): whether the model checkpoints, how often
+    its first decoder layer's MLP ran, the logged loss, and the weights after the step."""
+    argv = tiny_options(
+        shapes, output_dir, max_steps=1, activation_checkpointing=checkpointing, optim="sgd", learning_rate=1.0
+    )
+    trainer = build_trainer(*parse_recipe(None, argv))
+    runs = []  # a pre-hook: checkpoint's recompute stops once it has what backward needs, before a module returns
+    first_layer = llava_of(trainer.model).model.language_model.layers[0]
+    first_layer.mlp.register_forward_pre_hook(lambda module, args: runs.append(args[0].shape))
+    trainer.train()
+    checkpointing_on = llava_of(trainer.model).is_activation_checkpointing
+    return checkpointing_on, len(runs), trainer.state.log_history[0]["loss"], parameters(trainer.model)
+
+
+def test_gradient_checkpointing_recomputes_the_layers_in_backward_and_changes_no_gradient(shapes, tmp_path):
+    """With checkpointing the layers below the compression run again in backward (the student's compression still
+    attached); the loss and the step's gradients are those of the run without it."""
+    plain_on, plain_runs, plain_loss, plain = one_sgd_step(shapes, tmp_path / "plain", checkpointing=False)
+    on, runs, loss, checkpointed = one_sgd_step(shapes, tmp_path / "checkpointed", checkpointing=True)
+    assert not plain_on and on
+    assert plain_runs == 1 and runs == 2  # the student's forward; the teacher resumes from layer 2
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    for name, weight in plain.items():
+        torch.testing.assert_close(checkpointed[name], weight, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_every_step_logs_schedule_and_losses(shapes, tmp_path):
@@ -81,9 +102,7 @@ def test_training_from_parts(shapes, tmp_path):
 
 
 def test_alpha_zero_trains_without_a_teacher_pass(shapes, tmp_path, monkeypatch):
-    from epic.train.step import ConsistencyLoss
-
-    monkeypatch.setattr(ConsistencyLoss, "_teacher_rows", lambda *a, **k: pytest.fail("a teacher pass ran"))
+    monkeypatch.setattr(ConsistencyStep, "_teacher_rows", lambda *a, **k: pytest.fail("a teacher pass ran"))
     argv = tiny_options(shapes, tmp_path, mode="tcd", alpha=0.0, max_steps=2, save_strategy="steps", save_steps=2)
     run_training(*parse_recipe(None, argv))
     history = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]

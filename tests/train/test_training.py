@@ -7,14 +7,17 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainingArguments
 
 import epic
 from epic.data.templates import get_template
-from epic.distill import distilled_positions
+from epic.distill import Curriculum, StepPlan, distilled_positions, target_token_schedule
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from epic.train.config import parse_recipe
+from epic.train.consistency import ConsistencyStep
 from epic.train.run import build_curriculum, build_model, describe_compression, run_training
+from epic.train.step import Compressor, SftStep, StepContext
+from epic.train.trainer import EpicTrainer
 from tests.helpers import Row, make_batch, reference_logits
 from tests.train.conftest import tiny_options
 
@@ -147,18 +150,53 @@ def test_logits_at_dropped_positions_are_refused():
 def test_distillation_selects_from_the_prompt_as_a_forward_with_labels_does():
     """The consistency step passes no labels to the model (it asks for logits rows instead); what it keeps must
     still be chosen from the prompt only, as in SFT and at inference."""
-    from epic.distill import StepPlan
-    from epic.train.step import ConsistencyLoss
-
     model = build_tiny_llava()
     batch = make_batch(TinyLlavaSpec(), [Row(answer=6), Row(before=9, answer=3)], "right")
     for method in ("fastv", "dart"):
         with torch.no_grad(), epic.compress(model, method, tokens=5) as with_labels:
             model(**batch)
-        plan = StepPlan(1 - 5 / 64, 2, 0.0, 2, 4)
-        result = ConsistencyLoss(method, {}, alpha=0.5)(model, model, batch, plan, seed=0)
+        context = StepContext(model, StepPlan(1 - 5 / 64, 2, 0.0, 2, 4), seed=0)
+        result = ConsistencyStep(Compressor(method), alpha=0.5)(model, batch, context)
         result.student.remove()
         assert [k.tolist() for k in result.student.kept] == [k.tolist() for k in with_labels.kept]
+
+
+def test_training_compresses_the_student_to_the_budget_each_step_draws(shapes, tmp_path, monkeypatch):
+    """Compression is on in training: in every step the student kept round((1 - drawn ratio) * 64) visual tokens of
+    each image, fewer than the 64 it sees uncompressed, and the steps log that count."""
+    seen = []
+    step = ConsistencyStep.__call__
+
+    def recording(self, model, inputs, context):
+        output = step(self, model, inputs, context)
+        images = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1) // 64  # per row
+        seen.append(([len(kept) for kept in output.student.kept], images.tolist(), context.plan.student_ratio))
+        return output
+
+    monkeypatch.setattr(ConsistencyStep, "__call__", recording)
+    argv = tiny_options(shapes, tmp_path, max_steps=3, save_strategy="steps", save_steps=3)
+    run_training(*parse_recipe(None, argv))
+    history = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    assert len(seen) == 3
+    for (kept, images, ratio), logged in zip(seen, history, strict=False):
+        budget = round((1 - ratio) * 64)
+        assert 0 < budget < 64 and sum(images) > 0
+        assert kept == [budget * count for count in images]
+        assert logged["kept_tokens"] == budget
+
+
+def test_the_trainer_refuses_a_step_its_mode_does_not_run(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    curriculum = Curriculum("tcd", 4, 2, 0.5, tokens=target_token_schedule(0.5))
+    with pytest.raises(ValueError, match="mode 'tcd' runs the consistency step, not the sft step"):
+        EpicTrainer(
+            model=build_tiny_llava(),
+            args=args,
+            curriculum=curriculum,
+            step=SftStep(Compressor("dart")),
+            compression_seed=0,
+            template="vicuna_v1",
+        )
 
 
 def test_yaml_lists_become_lists(tmp_path):

@@ -1,6 +1,6 @@
 """Distillation: schedules and losses as pure functions (nothing here knows about training loops)."""
 
-from epic.distill.curriculum import KD_MODES, MODES, Curriculum, StepPlan, plan_step
+from epic.distill.curriculum import Curriculum, StepPlan, plan_step
 from epic.distill.llava_kd import (
     image_positions,
     relation_loss,
@@ -10,6 +10,7 @@ from epic.distill.llava_kd import (
     visual_kd_rows,
 )
 from epic.distill.losses import ce_rows, distilled_positions, kd_loss, kl_per_row, kl_rows
+from epic.distill.modes import MODES, TRAINING_MODES, TrainingMode, training_mode
 from epic.distill.schedules import (
     LayerSchedule,
     TokenSchedule,
@@ -19,12 +20,13 @@ from epic.distill.schedules import (
 )
 
 __all__ = [
-    "KD_MODES",
     "MODES",
+    "TRAINING_MODES",
     "Curriculum",
     "LayerSchedule",
     "StepPlan",
     "TokenSchedule",
+    "TrainingMode",
     "ce_rows",
     "distilled_positions",
     "image_positions",
@@ -38,6 +40,7 @@ __all__ = [
     "shared_columns",
     "step_generator",
     "target_token_schedule",
+    "training_mode",
     "visual_kd_loss",
     "visual_kd_rows",
 ]

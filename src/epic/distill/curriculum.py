@@ -6,10 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from epic.distill.modes import TrainingMode, training_mode
 from epic.distill.schedules import LayerSchedule, TokenSchedule, step_generator
-
-KD_MODES = ("kd-pretrain", "kd-finetune", "kd-tcd")  # LLaVA-KD: a separate, larger teacher model
-MODES = ("sft", "tcd", "lcd", "tcd+lcd", *KD_MODES)
 
 
 @dataclass(frozen=True)
@@ -53,33 +51,38 @@ class Curriculum:
     layers: LayerSchedule | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown training mode {self.mode!r}; choose one of {MODES}")
+        mode = training_mode(self.mode)
         if not 1 <= self.layer < self.num_layers:
             raise ValueError(
                 f"layer must lie in [1, {self.num_layers - 1}] for {self.num_layers} layers, got {self.layer}"
             )
         if self.target_ratio is not None and not 0.0 <= self.target_ratio < 1.0:
             raise ValueError(f"the target ratio must lie in [0, 1), got {self.target_ratio}")
-        if self.mode in ("kd-pretrain", "kd-finetune") and self.target_ratio is not None:
+        if mode.budget == "refused" and self.target_ratio is not None:
             raise ValueError(
                 f"mode {self.mode!r} trains the student at full tokens; for a compressed student use kd-tcd"
             )
-        if self.mode not in ("sft", "kd-pretrain", "kd-finetune") and self.target_ratio is None:
+        if mode.budget == "required" and self.target_ratio is None:
             raise ValueError(f"mode {self.mode!r} needs a target budget: set tokens or ratio")
-        if "tcd" in self.mode and self.tokens is None:
+        if mode.token_schedule and self.tokens is None:
             raise ValueError(f"mode {self.mode!r} needs a token schedule")
-        if "lcd" in self.mode and self.layers is None:
+        if mode.layer_schedule and self.layers is None:
             raise ValueError(f"mode {self.mode!r} needs a layer schedule")
 
+    @property
+    def training_mode(self) -> TrainingMode:
+        """What the mode enables (`epic.distill.modes.TRAINING_MODES`)."""
+        return training_mode(self.mode)
+
     def step(self, progress: float, generator: torch.Generator) -> StepPlan:
+        mode = self.training_mode
         student_ratio = teacher_ratio = self.target_ratio
         student_layer = teacher_layer = self.layer
-        if "tcd" in self.mode:
+        if mode.token_schedule:
             student_ratio, teacher_ratio = self.tokens.sample(progress, generator)
-        if self.mode == "sft" or self.mode in KD_MODES:
+        if mode.step != "consistency":  # only the consistency step has a compressed teacher pass
             teacher_ratio, teacher_layer = None, self.num_layers
-        if "lcd" in self.mode:
+        if mode.layer_schedule:
             student_layer, teacher_layer = self.layers.layers(progress)
         return StepPlan(student_ratio, student_layer, teacher_ratio, teacher_layer, self.num_layers)
 

@@ -1,7 +1,7 @@
 """Distillation losses as pure functions (SPEC section 2).
 
 With the transformers shift, the logit at position t predicts label t+1, so position t is distilled iff
-`labels[t + 1] != -100`: the logit that predicts the first answer token is distilled (the released code tests
+`labels[t + 1] != IGNORE_INDEX`: the logit that predicts the first answer token is distilled (the released code tests
 `labels[t]` and misses it), the one after the last answer token is not. KL is computed in fp32 at those positions
 only, never over the full [B, L, V] tensor.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from epic.labels import IGNORE_INDEX
 
 
 def distilled_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ def kd_loss(
 
     Args:
         student_logits, teacher_logits: [B, L, V], aligned position by position.
-        labels: [B, L] in the transformers convention (not shifted; -100 ignored).
+        labels: [B, L] in the transformers convention (not shifted; IGNORE_INDEX ignored).
     """
     if student_logits.shape != teacher_logits.shape or student_logits.shape[:2] != labels.shape:
         raise ValueError(

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from epic.distill.curriculum import MODES
+from epic.distill.modes import MODES
 from epic.train.kd import KD_WEIGHT_PRESETS, KDWeights, kd_weights
 
 SCHEDULES = ("target", "released")

@@ -16,18 +16,23 @@ from epic.data.dataset import LlavaDataset, collate, image_token_count
 from epic.data.shapes import SynthConfig, vocabulary_texts, write_synthetic
 from epic.data.templates import get_template
 from epic.distill import (
-    KD_MODES,
+    TRAINING_MODES,
     Curriculum,
     LayerSchedule,
     TokenSchedule,
     released_token_schedule,
     target_token_schedule,
+    training_mode,
 )
+from epic.distill.modes import StepKind
 from epic.models.assemble import ADDITIONAL_TOKENS, assemble_llava, visual_tokens
 from epic.models.factory import build_tiny_llava_with_processor, save_llava, saved_template
 from epic.models.tiny import TinyLlavaSpec
 from epic.train.config import SCHEDULES, DataArguments, DistillArguments, ModelArguments
-from epic.train.kd import LlavaKDLoss, check_teacher, check_visual_tokens, teacher_dtype
+from epic.train.consistency import ConsistencyStep
+from epic.train.kd import KDStep
+from epic.train.step import Compressor, SftStep, TrainingStep
+from epic.train.teacher import check_teacher, check_visual_tokens, load_teacher, teacher_dtype
 from epic.train.trainer import EpicTrainer, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -96,8 +101,9 @@ def build_curriculum(args: DistillArguments, num_layers: int, image_tokens: int)
         raise ValueError(f"unknown schedule {args.schedule!r}; choose one of {SCHEDULES}")
     if not 0.0 <= args.kd_alpha <= 1.0 or args.temperature <= 0:
         raise ValueError(f"alpha must lie in [0, 1] and temperature be > 0 (got {args.kd_alpha}, {args.temperature})")
+    mode = training_mode(args.mode)
     tokens = None
-    if "tcd" in args.mode:
+    if mode.token_schedule:
         if target is None:
             raise ValueError(f"mode {args.mode!r} needs a target budget: set tokens or ratio")
         preset = released_token_schedule() if args.schedule == "released" else target_token_schedule(target)
@@ -108,7 +114,7 @@ def build_curriculum(args: DistillArguments, num_layers: int, image_tokens: int)
         }
         tokens = TokenSchedule(**{**preset.__dict__, **overrides, "hold": args.schedule_hold})
     layers = None
-    if "lcd" in args.mode:
+    if mode.layer_schedule:
         layers = LayerSchedule(
             num_layers, args.layer, args.lcd_start_layer, args.lcd_gap_layers_max, hold=args.schedule_hold
         )
@@ -118,15 +124,17 @@ def build_curriculum(args: DistillArguments, num_layers: int, image_tokens: int)
 def check_kd_options(model_args: ModelArguments, args: DistillArguments, student_image_tokens: int) -> None:
     """The LLaVA-KD options, from configs alone (raises before any weight is loaded): a teacher exactly for the
     kd-* modes, its visual-token count equal to the student's, valid weights and dtype, something to train."""
-    if args.mode not in KD_MODES:
+    mode = training_mode(args.mode)
+    if not mode.needs_teacher_model:
         if model_args.teacher:
-            raise ValueError(f"--teacher is used by the LLaVA-KD modes {KD_MODES} only, not by mode {args.mode!r}")
+            kd_modes = tuple(name for name, other in TRAINING_MODES.items() if other.needs_teacher_model)
+            raise ValueError(f"--teacher is used by the LLaVA-KD modes {kd_modes} only, not by mode {args.mode!r}")
         return
     if not model_args.teacher or model_args.teacher.startswith("tiny:"):
         raise ValueError(f"mode {args.mode!r} distils from a teacher: give --teacher, a trained LLaVA checkpoint")
     args.loss_weights()
     teacher_dtype(model_args.teacher_dtype, torch.device("cpu"))
-    if args.mode == "kd-pretrain" and (args.freeze_projector or args.lora_r > 0):
+    if mode.projector_only and (args.freeze_projector or args.lora_r > 0):
         raise ValueError("kd-pretrain trains the projector only: it cannot be frozen, and LoRA on the LLM is unused")
     teacher_config = AutoConfig.from_pretrained(model_args.teacher)
     check_visual_tokens(
@@ -135,15 +143,21 @@ def check_kd_options(model_args: ModelArguments, args: DistillArguments, student
     )
 
 
-def load_teacher(model_args: ModelArguments, device: torch.device) -> LlavaForConditionalGeneration:
-    """The teacher: loaded once, whole (never partitioned by ZeRO-3), frozen, in eval mode, on `device`."""
-    with whole_parameters():
-        teacher = LlavaForConditionalGeneration.from_pretrained(
-            model_args.teacher,
-            dtype=teacher_dtype(model_args.teacher_dtype, device),
-            attn_implementation=model_args.attn_implementation,
-        )
-    return teacher.to(device).eval().requires_grad_(False)
+def build_step(
+    model_args: ModelArguments,
+    args: DistillArguments,
+    kind: StepKind,
+    vocab_size: int,
+    device: torch.device,
+) -> TrainingStep:
+    """The training step the mode runs; the kd step loads its teacher (`vocab_size`: the tokenizer's length)."""
+    compressor = Compressor(args.method, args.options())
+    if kind == "sft":
+        return SftStep(compressor)
+    if kind == "consistency":
+        return ConsistencyStep(compressor, args.kd_alpha, args.temperature)
+    teacher = load_teacher(model_args.teacher, model_args.teacher_dtype, model_args.attn_implementation, device)
+    return KDStep(teacher, args.loss_weights(), vocab_size, compressor)
 
 
 def prepare_model(model, args: DistillArguments):
@@ -152,7 +166,7 @@ def prepare_model(model, args: DistillArguments):
     `kd-pretrain` (Distilled Pre-Training) trains the projector only; the other modes the projector and the LLM
     unless frozen by the options. Every part is set both ways, so one model can go through the stages in turn.
     """
-    projector_only = args.mode == "kd-pretrain"
+    projector_only = training_mode(args.mode).projector_only
     language_model = not (args.freeze_language_model or projector_only)
     model.model.vision_tower.requires_grad_(not (args.freeze_vision_tower or projector_only))
     model.model.multi_modal_projector.requires_grad_(not args.freeze_projector)
@@ -214,7 +228,8 @@ def build_trainer(
     curriculum = build_curriculum(
         distill_args, model.config.text_config.num_hidden_layers, image_token_count(processor)
     )
-    if distill_args.mode in KD_MODES:  # before the data is read and the teacher's weights are loaded
+    mode = curriculum.training_mode
+    if mode.needs_teacher_model:  # before the data is read and the teacher's weights are loaded
         teacher_config = AutoConfig.from_pretrained(model_args.teacher)
         check_teacher(model, processor, teacher_config, AutoProcessor.from_pretrained(model_args.teacher))
     template = get_template(template_name, processor.tokenizer)
@@ -228,12 +243,7 @@ def build_trainer(
         on_error=data_args.on_error,
         verify_images=data_args.verify_images,
     )
-    teacher = kd = None
-    if distill_args.mode in KD_MODES:
-        teacher = load_teacher(model_args, training_args.device)
-        kd = LlavaKDLoss(
-            distill_args.loss_weights(), len(processor.tokenizer), distill_args.method, distill_args.options()
-        )
+    step = build_step(model_args, distill_args, mode.step, len(processor.tokenizer), training_args.device)
     model = prepare_model(model, distill_args)
     pad_id = processor.tokenizer.pad_token_id
     return EpicTrainer(
@@ -243,16 +253,11 @@ def build_trainer(
         data_collator=lambda examples: collate(examples, pad_id),
         processing_class=processor,
         curriculum=curriculum,
-        method=distill_args.method,
-        method_options=distill_args.options(),
-        alpha=distill_args.kd_alpha,
-        temperature=distill_args.temperature,
+        step=step,
         compression_seed=distill_args.compression_seed,
         template=template_name,
         projector_lr=distill_args.projector_lr,
         group_by_modality_length=data_args.group_by_modality_length,
-        teacher=teacher,
-        kd=kd,
     )
 
 

@@ -1,10 +1,9 @@
-"""`EpicTrainer`: HF `Trainer` with EPIC's consistency distillation in one `compute_loss`.
+"""`EpicTrainer`: HF `Trainer` that runs one training step per micro-batch (`epic.train.step`): SFT, EPIC's
+consistency distillation (`epic.train.consistency`) or LLaVA-KD (`epic.train.kd`), as the mode names.
 
-One model, shared weights. Per micro-step: the vision tower and projector run once; the student pass runs with
-gradients under stronger compression and records what enters its compression layer; the teacher resumes from there
-under `torch.no_grad()` with milder compression (or none), so the layers below are computed once for both. Logits
-are projected only at the positions whose next label is supervised (the engine maps them through original positions,
-so teacher and student rows are aligned), where CE (student) and KL (fp32) are computed.
+The step runs the forwards and returns the loss and its parts; the trainer plans the step's compression (the
+curriculum), logs the parts as micro-batch means, scales the loss for the devices, and removes the student's
+compression after backward.
 """
 
 from __future__ import annotations
@@ -21,10 +20,9 @@ from transformers import Trainer
 from epic.compat import check_trainer_overrides
 from epic.compression import Compression
 from epic.data.sampler import ModalityLengthGroupedSampler
-from epic.distill import KD_MODES, Curriculum, StepPlan, plan_step
+from epic.distill import Curriculum, StepPlan, plan_step
 from epic.models.factory import chat_template_for_saving, write_template
-from epic.train.kd import LlavaKDLoss
-from epic.train.step import ConsistencyLoss
+from epic.train.step import Part, StepContext, TrainingStep
 
 COMPLETE_MARKER = ".complete"
 
@@ -39,38 +37,29 @@ def llava_of(model: nn.Module) -> nn.Module:
 
 
 class EpicTrainer(Trainer):
-    """Trainer for `sft`, `tcd`, `lcd`, `tcd+lcd` (see `epic.distill.Curriculum`) and, given a `teacher` and `kd`,
-    the LLaVA-KD modes `kd-pretrain`, `kd-finetune` and `kd-tcd`.
-
-    The teacher is a plain attribute, not a submodule of the trained model: the optimizer, DDP and DeepSpeed never
-    see it, and checkpoints hold the student only.
-    """
+    """Trainer for every mode of `epic.distill.modes`: `step` is the training step the curriculum's mode names
+    (`SftStep` for `sft`, `ConsistencyStep` for `tcd`, `lcd`, `tcd+lcd`, `KDStep`, holding the teacher, for the
+    `kd-*` modes)."""
 
     def __init__(
         self,
         *args: Any,
         curriculum: Curriculum,
-        method: str,
-        method_options: dict[str, Any],
-        alpha: float,
-        temperature: float,
+        step: TrainingStep,
         compression_seed: int,
         template: str,
         projector_lr: float | None = None,
         group_by_modality_length: bool = True,
-        teacher: nn.Module | None = None,
-        kd: LlavaKDLoss | None = None,
         **kwargs: Any,
     ) -> None:
         check_trainer_overrides(Trainer)  # the private methods overridden below still exist, with these parameters
         super().__init__(*args, **kwargs)
-        if (teacher is None) != (kd is None) or (kd is not None) != (curriculum.mode in KD_MODES):
-            raise ValueError(f"mode {curriculum.mode!r}: a teacher and a KD loss go together, with the kd-* modes only")
-        self.teacher = teacher
-        self.kd = kd
+        expected = curriculum.training_mode.step
+        if step.kind != expected:
+            raise ValueError(f"mode {curriculum.mode!r} runs the {expected} step, not the {step.kind} step")
+        self.step = step
         self._images_in_batch: torch.Tensor | None = None  # images of the accumulated batch (all ranks), for KD
         self.curriculum = curriculum
-        self.consistency = ConsistencyLoss(method, method_options, alpha, temperature)
         self.compression_seed = compression_seed
         self.template = template
         self.projector_lr = projector_lr
@@ -94,57 +83,21 @@ class EpicTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        llava = llava_of(model)
+        """The step's loss (normalised by the accumulated batch's counts), scaled for the devices; its parts are
+        logged as this micro-batch's means."""
         plan, seed = self._step_plan()
-        if self.curriculum.mode == "sft":
-            if plan.student_compresses:
-                self._student = self.consistency.attach(llava, plan.student_ratio, plan.student_layer, seed)
-            extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-            outputs = model(**inputs, **extra)
-            rows = int((inputs["labels"][:, 1:] != -100).sum())
-            local = float(num_items_in_batch) / max(rows, 1) if num_items_in_batch is not None else 1.0
-            self._record(plan, ce=outputs.loss.item() * local)  # logged as this micro-batch's mean
-            loss = self._scale_for_devices(outputs.loss, num_items_in_batch)
-            return (loss, outputs) if return_outputs else loss
-
-        if self.kd is not None:
-            return self._kd_loss(model, llava, inputs, plan, seed, return_outputs, num_items_in_batch)
-        result = self.consistency(model, llava, inputs, plan, seed, num_items_in_batch)
-        self._student, loss, ce, kd = result.student, result.loss, result.ce, result.kd
-        local = float(num_items_in_batch) / max(result.rows, 1) if num_items_in_batch is not None else 1.0
-        losses = {"ce": ce.item() * local} | ({"kd": kd.item() * local} if self.consistency.alpha > 0 else {})
-        self._record(plan, **losses)  # logged as this micro-batch's means (no KD without a teacher pass)
-        loss = self._scale_for_devices(loss, num_items_in_batch)
-        return (loss, {"logits": result.student_rows}) if return_outputs else loss
-
-    def _kd_loss(
-        self,
-        model: nn.Module,
-        llava: nn.Module,
-        inputs: dict[str, torch.Tensor],
-        plan: StepPlan,
-        seed: int,
-        return_outputs: bool,
-        num_items_in_batch: torch.Tensor | int | None,
-    ):
-        """LLaVA-KD: token parts divided by the accumulated batch's token count, image parts by its image count."""
         num_images = None if num_items_in_batch is None else self._images_in_batch
-        with self.accelerator.autocast():  # the student's visual rows are projected outside its forward
-            result = self.kd(model, llava, self.teacher, inputs, plan, seed, num_items_in_batch, num_images)
-        self._student = result.student
-        tokens = float(num_items_in_batch) / max(result.rows, 1) if num_items_in_batch is not None else 1.0
-        losses = {"ce": result.ce.item() * tokens, "res": result.response.item() * tokens}
-        if result.images:  # logged as this micro-batch's means; a micro-batch without images has no image parts
-            images = float(num_images) / result.images if num_images is not None else 1.0
-            losses.update(vis=result.visual.item() * images, rel=result.relation.item() * images)
-        self._record(plan, **losses)
-        loss = self._scale_for_devices(result.loss, num_items_in_batch)
-        return (loss, {"logits": result.student_rows}) if return_outputs else loss
+        context = StepContext(llava_of(model), plan, seed, num_items_in_batch, num_images, self.accelerator.autocast)
+        output = self.step(model, inputs, context)
+        self._student = output.student
+        self._record(plan, output.parts)
+        loss = self._scale_for_devices(output.loss, num_items_in_batch)
+        return (loss, output.outputs) if return_outputs else loss
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """Also counts the images of the accumulated batch (across ranks when tokens are), for the KD image parts."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.kd is not None:
+        if self.step.counts_images:
             images = sum(len(batch["pixel_values"]) for batch in batch_samples if "pixel_values" in batch)
             images = torch.tensor(images, device=device)
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -169,16 +122,16 @@ class EpicTrainer(Trainer):
                 self._student = None
 
     # ------------------------------------------------------------------------------------------------ logging
-    def _record(self, plan: StepPlan, **losses: float) -> None:
+    def _record(self, plan: StepPlan, parts: dict[str, Part]) -> None:
         metrics = self._metrics
-        for name, value in losses.items():
-            metrics[f"{name}_loss"].append(value)
+        for name, part in parts.items():
+            metrics[f"{name}_loss"].append(part.micro_batch_mean())
         if plan.student_ratio is not None:
             metrics["student_ratio"].append(plan.student_ratio)
-        if plan.teacher_ratio is not None and self.curriculum.mode != "sft":
+        if plan.teacher_ratio is not None:  # a compressed teacher pass: the consistency modes only
             metrics["teacher_ratio"].append(plan.teacher_ratio)
             metrics["gap"].append(plan.student_ratio - plan.teacher_ratio)
-        if "lcd" in self.curriculum.mode:
+        if self.curriculum.training_mode.layer_schedule:
             metrics["student_layer"].append(plan.student_layer)
             metrics["teacher_layer"].append(plan.teacher_layer)
         student = self._student

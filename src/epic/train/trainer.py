@@ -128,7 +128,7 @@ class EpicTrainer(Trainer):
             metrics[f"{name}_loss"].append(part.micro_batch_mean())
         if plan.student_ratio is not None:
             metrics["student_ratio"].append(plan.student_ratio)
-        if plan.teacher_ratio is not None:  # a compressed teacher pass: the consistency modes only
+        if plan.teacher_ratio is not None:  # the consistency teacher's ratio (the other steps plan none)
             metrics["teacher_ratio"].append(plan.teacher_ratio)
             metrics["gap"].append(plan.student_ratio - plan.teacher_ratio)
         if self.curriculum.training_mode.layer_schedule:

@@ -41,14 +41,20 @@ def test_gradients_are_finite_and_checkpointing_changes_nothing(method):
 
 
 def test_training_step_reduces_loss_on_the_kept_sequence():
+    """Each step trains on the compressed sequence (8 kept visual tokens per row, a loss other than the full
+    sequence's), and the loss falls."""
     model = build_tiny_llava(seed=2).train()
     batch = make_batch(SPEC, [Row(), Row(before=8)], "right")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with epic.compress(model, "dart", tokens=8):
+    with epic.compress(model, "dart", tokens=8) as compression:
         losses = []
         for _ in range(5):
             optimizer.zero_grad()
             loss = model(**batch).loss
+            assert [len(kept) for kept in compression.kept] == [8, 8]
+            with torch.no_grad(), compression.paused():
+                full = model(**batch).loss
+            assert full.item() != pytest.approx(loss.item(), abs=1e-6)  # not the full sequence's loss
             loss.backward()
             optimizer.step()
             losses.append(loss.item())

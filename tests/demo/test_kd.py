@@ -7,15 +7,16 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from epic.data.shapes import vocabulary_texts
 from epic.demo import demo_config
-from epic.demo.kd import ARMS, stages, student_init
+from epic.demo.config import KD_ARMS
+from epic.demo.kd import stages, student_init
 from epic.models.factory import build_tiny_llava_with_processor, save_llava
-from epic.train.kd import check_teacher
+from epic.train.teacher import check_teacher
 
 
 def test_both_arms_train_the_same_steps_and_only_llava_kd_sees_the_teacher():
     config = demo_config(kd_pt_steps=3, kd_sft_steps=7, kd_dft_steps=5)
     runs = [stage for round_ in stages(config) for stage in round_]
-    assert {arm: sum(s.steps for s in runs if s.arm == arm) for arm in ARMS} == {"pt-sft": 15, "dpt-sft-dft": 15}
+    assert {arm: sum(s.steps for s in runs if s.arm == arm) for arm in KD_ARMS} == {"pt-sft": 15, "dpt-sft-dft": 15}
     assert [(s.name, s.mode, s.teacher) for s in runs if s.arm == "dpt-sft-dft"] == [
         ("dpt", "kd-pretrain", True),
         ("sft", "sft", False),

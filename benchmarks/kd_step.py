@@ -31,7 +31,7 @@ import torch
 
 import epic
 from epic.distill import StepPlan, distilled_positions
-from epic.eval.bench import memory_growth_during
+from epic.eval.memory import memory_growth_during
 from epic.labels import IGNORE_INDEX
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from epic.train.kd import KDStep, KDWeights

@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import epic
 from epic.distill import StepPlan, ce_rows, distilled_positions
-from epic.eval.bench import memory_growth_during
+from epic.eval.memory import memory_growth_during
 from epic.labels import IGNORE_INDEX
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from epic.train.consistency import ConsistencyStep

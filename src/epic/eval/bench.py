@@ -5,15 +5,13 @@ decoding speed (tokens per second over `new_tokens` greedy steps after the prefi
 uncompressed row, which is timed again before every configuration; timings too short or too spread are repeated and
 then flagged; the KV cache measured from the real cache tensors next to the formula; decoder FLOPs by the formula
 next to `torch.utils.flop_counter` (which sees attention products only under eager attention); and on CUDA the peak
-allocation. `memory_growth_during` also serves the training benchmarks (on a CPU: sampled resident-set growth).
+allocation (`epic.eval.memory`).
 """
 
 from __future__ import annotations
 
 import itertools
-import resource
 import statistics
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,50 +109,6 @@ def _counted_flops(model, inputs) -> int:
         model(**inputs, logits_to_keep=1)
     counts = counter.get_flop_counts()
     return sum(counts.get(f"{type(model).__name__}.model.language_model", {}).values())
-
-
-def _resident_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return None
-
-
-def resident_growth_during(work) -> int | None:
-    """Resident-set growth during `work()`, sampled every millisecond (approximate: the allocator reuses memory)."""
-    before = _resident_bytes()
-    if before is None:
-        work()
-        return None
-    peak, running = [before], [True]
-
-    def sample() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], _resident_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        work()
-    finally:
-        running[0] = False
-        sampler.join()
-    return max(peak[0], _resident_bytes()) - before
-
-
-def memory_growth_during(work, device: torch.device) -> int | None:
-    """Bytes allocated above the level before `work()` at its peak: CUDA's peak allocation on a GPU, the sampled
-    resident-set growth on a CPU (approximate)."""
-    if device.type != "cuda":
-        return resident_growth_during(work)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    work()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
 
 
 def _measure(model, inputs, new_tokens: int, repeats: int) -> tuple[list[float], list[float], int, int | None]:

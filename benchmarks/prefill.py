@@ -24,7 +24,8 @@ import torch
 import epic
 from epic.eval.bench import synthetic_prompt, timed_prefill
 from epic.eval.cost import DecoderShape, prefill_macs
-from epic.models.tiny import PRESETS, build_tiny_llava
+from epic.models.presets import PRESETS
+from epic.models.tiny import build_tiny_llava
 
 
 def measure(model, inputs, method: str, tokens: int, layer: int, repeats: int) -> dict[str, float]:

@@ -123,3 +123,8 @@ def eval_job(
 def as_json(value: dict[str, Any]) -> dict[str, Any]:
     """`value` as it reads back from JSON (tuples become lists), so settings compare equal to their record."""
     return json.loads(json.dumps(value))
+
+
+def records(path: Path, settings: dict[str, Any]) -> bool:
+    """Whether the JSON file `path` exists and records exactly `settings` (what a cached result was made with)."""
+    return path.is_file() and json.loads(path.read_text()) == settings

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from epic.data.shapes import vocabulary_texts
 from epic.demo.config import KD_ARMS, DemoConfig
-from epic.demo.jobs import Job, as_json, epic_command, eval_job, run_jobs, train_options
+from epic.demo.jobs import Job, as_json, epic_command, eval_job, records, run_jobs, train_options
 from epic.demo.kd_report import write_kd_report
 from epic.demo.measure import training_logs, write_json
 from epic.demo.results import LOGS_FILE, MEASURES
@@ -85,7 +85,7 @@ def _forget_stale(config: DemoConfig, kd: Path, base_key: dict) -> None:
     """Delete `kd` unless its `config.json` records these settings and this base model; then record them."""
     settings = {"kd": as_json(config.kd_key()), "base": base_key}
     record = kd / "config.json"
-    if record.is_file() and json.loads(record.read_text()) == settings:
+    if records(record, settings):
         return
     if kd.exists():
         shutil.rmtree(kd)

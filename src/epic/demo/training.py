@@ -16,7 +16,7 @@ from PIL import Image
 
 from epic.data.shapes import SynthConfig, vocabulary_texts, write_synthetic
 from epic.demo.config import DemoConfig, arm_runs
-from epic.demo.jobs import Job, as_json, epic_command, run_jobs, train_options
+from epic.demo.jobs import Job, as_json, epic_command, records, run_jobs, train_options
 from epic.models.factory import build_tiny_llava_with_processor, save_llava
 
 STAGE1_KEY_FILE = "demo-stage1.json"
@@ -51,7 +51,7 @@ def _draw(folder: Path, synth: SynthConfig, keep: tuple[str, ...] = ()) -> None:
     """Draw `synth` into `folder` unless the settings recorded there match; `keep` names sub-folders to leave."""
     wanted = as_json(synth.__dict__)
     settings = folder / "synth_config.json"
-    if settings.is_file() and json.loads(settings.read_text()) == wanted:
+    if records(settings, wanted):
         return
     if folder.exists():
         for entry in folder.iterdir():
@@ -72,7 +72,7 @@ def train_stage1(config: DemoConfig, data: Path, out: Path) -> Path:
     `out/models/<stage1_name>` with the settings it depends on."""
     model_dir = out / "models" / config.stage1_name
     key = as_json(config.stage1_key())
-    if (model_dir / STAGE1_KEY_FILE).is_file() and json.loads((model_dir / STAGE1_KEY_FILE).read_text()) == key:
+    if records(model_dir / STAGE1_KEY_FILE, key):
         print(f"stage 1: reusing {model_dir} (its settings match)")
         return model_dir
     if model_dir.exists():
@@ -181,7 +181,7 @@ def forget_stale_runs(config: DemoConfig, out: Path, stage1: Path) -> None:
     for volatile in VOLATILE_SETTINGS:
         settings.pop(volatile)
     record = out / "config.json"
-    if record.is_file() and json.loads(record.read_text()) == settings:
+    if records(record, settings):
         return
     for folder in [*(out / "runs").glob("*"), *(out / "models").glob("*"), out / "eval"]:
         if folder.name not in ("stage1", "base", "init") and folder.is_dir():

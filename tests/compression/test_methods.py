@@ -95,27 +95,29 @@ def test_dart_keeps_the_tokens_least_similar_to_its_pivot():
     """One text pivot, no visual pivot: the budget goes to the candidates of lowest cosine similarity to it."""
     direction = torch.tensor([1.0, 0.0])
     angles = torch.tensor([0.1, 2.9, 0.5, 1.6, 2.2, 0.9])  # cosine to the pivot falls as the angle grows
-    features = torch.cat([direction[None], torch.stack([angles.cos(), angles.sin()], dim=1)])  # pivot at 0
+    features = torch.cat([torch.stack([angles.cos(), angles.sin()], dim=1), direction[None]])  # pivot at 6
     image = ImageSelection(
-        positions=torch.arange(1, 7),
+        positions=torch.arange(0, 6),
         budget=3,
-        text_positions=torch.tensor([0]),
+        text_positions=torch.tensor([6]),
         attention=torch.zeros(7),
         key_norms=torch.ones(7),
         features=features,
         generator=torch.Generator(),
     )
     kept = Dart(pivots_image=0, pivots_text=1).select(image)
-    assert kept.tolist() == [2, 4, 5]  # angles 2.9, 1.6 and 2.2: the three least similar, not the most similar
+    assert kept.tolist() == [1, 3, 4]  # angles 2.9, 1.6 and 2.2: the three least similar, not the most similar
 
 
-def reference_dart(image: ImageSelection, pivots_image: int, pivots_text: int) -> list[int]:
-    """DART's rule written out with Python loops: pivots by key norm, the rest of the budget shared evenly over
-    the pivots in order, each taking the not-yet-kept candidates least cosine-similar to it."""
+def reference_dart(image: ImageSelection, pivots_image: int, pivots_text: int, text_pivots_from: str) -> list[int]:
+    """DART's rule written out with Python loops: pivots by key norm (text pivots from the text after the image or
+    from all prompt text), the rest of the budget shared evenly over the pivots in order, each taking the
+    not-yet-kept candidates least cosine-similar to it."""
     norms = image.key_norms.tolist()
     candidates = image.positions.tolist()
+    text = [p for p in image.text_positions.tolist() if text_pivots_from == "prompt" or p > max(candidates)]
     image_pivots = sorted(candidates, key=lambda p: -norms[p])[: min(pivots_image, image.budget)]
-    text_pivots = sorted(image.text_positions.tolist(), key=lambda p: -norms[p])[:pivots_text]
+    text_pivots = sorted(text, key=lambda p: -norms[p])[:pivots_text]
     pivots = image_pivots + text_pivots
     kept = list(image_pivots)
     remaining = image.budget - len(image_pivots)
@@ -127,9 +129,10 @@ def reference_dart(image: ImageSelection, pivots_image: int, pivots_text: int) -
     return sorted(kept)
 
 
+@pytest.mark.parametrize("text_pivots_from", ["after_image", "prompt"])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize(("budget", "pivots_image", "pivots_text"), [(3, 1, 1), (9, 2, 3), (12, 4, 4), (2, 4, 4)])
-def test_dart_matches_its_rule_written_out(seed, budget, pivots_image, pivots_text):
+def test_dart_matches_its_rule_written_out(seed, budget, pivots_image, pivots_text, text_pivots_from):
     generator = torch.Generator().manual_seed(seed)
     length = 30
     image = ImageSelection(
@@ -141,8 +144,45 @@ def test_dart_matches_its_rule_written_out(seed, budget, pivots_image, pivots_te
         features=torch.randn(length, 12, generator=generator),
         generator=generator,
     )
-    kept = Dart(pivots_image=pivots_image, pivots_text=pivots_text).select(image)
-    assert kept.tolist() == reference_dart(image, pivots_image, pivots_text)
+    dart = Dart(pivots_image=pivots_image, pivots_text=pivots_text, text_pivots_from=text_pivots_from)
+    assert dart.select(image).tolist() == reference_dart(image, pivots_image, pivots_text, text_pivots_from)
+
+
+def test_dart_text_pivots_come_from_the_text_after_the_image_by_default():
+    """The strongest-key text token sits before the image: it is a pivot only with text_pivots_from="prompt"."""
+    length = 12
+    key_norms = torch.ones(length)
+    key_norms[1] = 50.0  # before the image (a system prompt token)
+    key_norms[10] = 20.0  # after the image (the question)
+    image = ImageSelection(
+        positions=torch.arange(3, 9),
+        budget=2,
+        text_positions=torch.tensor([0, 1, 2, 9, 10, 11]),
+        attention=torch.zeros(length),
+        key_norms=key_norms,
+        features=torch.randn(length, 8, generator=torch.Generator().manual_seed(0)),
+        generator=torch.Generator(),
+    )
+    assert Dart(pivots_image=0, pivots_text=1).text_candidates(image).tolist() == [9, 10, 11]
+    assert Dart(pivots_image=0, pivots_text=1, text_pivots_from="prompt").text_candidates(image).tolist() == [
+        0,
+        1,
+        2,
+        9,
+        10,
+        11,
+    ]
+    features = image.features
+    by_after = F.cosine_similarity(features[10][None], features[3:9]).argsort()[:2] + 3
+    by_prompt = F.cosine_similarity(features[1][None], features[3:9]).argsort()[:2] + 3
+    assert Dart(pivots_image=0, pivots_text=1).select(image).tolist() == sorted(by_after.tolist())
+    kept_prompt = Dart(pivots_image=0, pivots_text=1, text_pivots_from="prompt").select(image)
+    assert kept_prompt.tolist() == sorted(by_prompt.tolist())
+
+
+def test_dart_refuses_an_unknown_text_pivot_span():
+    with pytest.raises(ValueError, match="text_pivots_from='question' is not one of"):
+        Dart(text_pivots_from="question")
 
 
 def test_random_is_reproducible_and_varies_with_seed():

@@ -1,0 +1,180 @@
+"""The kept sets of DART and FastV against transcriptions of the released selection code, on the same tensors.
+
+The transcriptions below follow the released functions line by line (batch of one, one image, the image span given
+by its start and length, everything after the span is query text). They differ only where docs/compression.md says
+we differ on purpose, each marked `# deliberate:` at the line:
+- budgets are exact: DART's released per-pivot share is `MAX_NUM_TRUNCTION // (pivots)`, so the configurations here
+  use budgets where that division is exact;
+- pivot order: the released DART visits its pivots in a Python set's iteration order (a hashing artefact); ours
+  visits visual pivots, then text pivots, each by decreasing key norm.
+The engine runs batched with left padding; each row's reference runs on that row alone, unpadded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+import epic
+from epic.compat import set_attention_implementation
+from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
+from tests.helpers import Row, make_batch
+
+SPEC = TinyLlavaSpec()
+ROWS = [Row(before=3, after=6), Row(before=9, after=4), Row(before=1, after=11), Row(before=5, after=7)]
+
+
+def released_dart_selection(
+    last_layer_state: torch.Tensor,
+    k_states: torch.Tensor,
+    image_token_start_index: int,
+    image_token_length: int,
+    max_num_trunction: int,
+    pivot_image_token: int,
+    pivot_text_token: int,
+) -> torch.Tensor:
+    """A transcription of `get_retained_image_token` in ZichenWen1/DART's
+    llava/model/language_model/modeling_llama_self.py (read at its fork xqy1111111/DART, commit
+    0247657060a42dd329d6f273455bfad05d5b2c74).
+
+    Args:
+        last_layer_state: [1, L, d] the model's final norm of layer K-1's output.
+        k_states: [1, heads, L, head_dim] layer K-1's keys after RoPE and repeat_kv.
+    """
+    token_topk = int(max_num_trunction // (pivot_image_token + pivot_text_token))
+    k_states = k_states.permute(0, 2, 1, 3).reshape(k_states.shape[0], k_states.shape[2], -1)
+    k_image = k_states[0][image_token_start_index : image_token_start_index + image_token_length, :]
+    k_query = k_states[0][image_token_start_index + image_token_length :, :]
+    image_norm = torch.norm(k_image, p=1, dim=-1)
+    query_norm = torch.norm(k_query, p=1, dim=-1)
+    image_indices = (image_norm.topk(pivot_image_token).indices + image_token_start_index).tolist()
+    query_indices = (query_norm.topk(pivot_text_token).indices + image_token_start_index + image_token_length).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid_indices = set(range(image_token_start_index, image_token_start_index + image_token_length))
+    valid_indices.difference_update(image_indices)
+    for item in image_indices + query_indices:  # deliberate: the released code iterates list(set(...))
+        valid_indices_list = sorted(valid_indices)  # the released list(set) of ints; sorted makes it definite
+        valid_vectors = last_layer_state[0][valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
+        top_k_indices = cos_sim.topk(token_topk).indices
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices.tolist()]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+    indices_set.difference_update(query_indices)
+    return torch.tensor(sorted(indices_set))
+
+
+def released_fastv_selection(last_layer_attention: torch.Tensor, start: int, length: int, keep: int) -> torch.Tensor:
+    """A transcription of FastV's selection in pkunlp-icler/FastV's
+    src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py (`fastv_forward`, commit
+    6e1b3f051dbe8ece952c7cce2eb02cd213e2762c): the last token's head-averaged attention at layer K-1, top over
+    the image span. `last_layer_attention`: [1, heads, L, L]; `keep` is round(length * (1 - FASTV_r)).
+    """
+    last_layer_attention_avg = torch.mean(last_layer_attention, dim=1)[0]
+    last_tok_image = last_layer_attention_avg[-1][start : start + length]
+    return (last_tok_image.topk(keep).indices + start).sort().values
+
+
+def layer_inputs(model, batch: dict[str, torch.Tensor], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final-normed output of layer K-1 [1, L, d], layer K-1's keys after RoPE and repeat_kv [1, H, L, hd]) of a
+    stock forward, computed from what layer K-1's attention module receives."""
+    attention = model.model.language_model.layers[layer - 1].self_attn
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["hidden"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        seen["rope"] = kwargs["position_embeddings"]
+
+    handle = attention.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_hidden_states=True)
+    finally:
+        handle.remove()
+    hidden = seen["hidden"]
+    batch_size, length, _ = hidden.shape
+    with torch.no_grad():
+        keys = attention.k_proj(hidden).view(batch_size, length, -1, attention.head_dim).transpose(1, 2)
+        cos, sin = seen["rope"]
+        _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
+        keys = repeat_kv(keys, attention.num_key_value_groups)
+        normed = model.model.language_model.norm(out.hidden_states[layer])
+    return normed, keys
+
+
+def with_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` with position ids counted over real tokens, as `generate` does, so a left-padded row sees the RoPE
+    positions it has alone (an L1 key norm depends on the absolute position)."""
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return {**batch, "position_ids": positions}
+
+
+def one_row(batch: dict[str, torch.Tensor], row: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Row `row` of a left-padded batch alone and unpadded, and its padding offset."""
+    valid = batch["attention_mask"][row].bool()
+    offset = int((~valid).sum())
+    alone = {
+        "input_ids": batch["input_ids"][row : row + 1, offset:],
+        "attention_mask": batch["attention_mask"][row : row + 1, offset:],
+    }
+    alone["pixel_values"] = batch["pixel_values"][row : row + 1]
+    return alone, offset
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+@pytest.mark.parametrize(("budget", "pivots_image", "pivots_text"), [(12, 4, 4), (20, 4, 4), (7, 2, 3), (11, 1, 4)])
+def test_dart_keeps_what_the_released_selection_keeps(layer, budget, pivots_image, pivots_text):
+    model = build_tiny_llava()
+    batch = make_batch(SPEC, ROWS, "left", labels=False, seed=layer)
+    with (
+        torch.no_grad(),
+        epic.compress(
+            model, "dart", tokens=budget, layer=layer, pivots_image=pivots_image, pivots_text=pivots_text
+        ) as state,
+    ):
+        model(**with_positions(batch))
+    for row in range(len(ROWS)):
+        alone, offset = one_row(batch, row)
+        start = int((alone["input_ids"][0] == SPEC.image_token_id).nonzero()[0])
+        normed, keys = layer_inputs(model, alone, layer)
+        expected = released_dart_selection(
+            normed, keys, start, SPEC.image_tokens, budget - pivots_image, pivots_image, pivots_text
+        )
+        assert expected.numel() == budget
+        assert (state.kept[row] - offset).tolist() == expected.tolist()
+
+
+def test_dart_with_pivots_from_all_prompt_text_differs_from_the_released_selection():
+    """The option `text_pivots_from="prompt"` is a real difference: on rows with long text before the image, some
+    row's kept set moves (the transcription is the released one; if the option were ignored, all would match)."""
+    model = build_tiny_llava()
+    rows = [Row(before=20, after=4) for _ in range(4)]
+    batch = make_batch(SPEC, rows, "left", labels=False, seed=5)
+    with torch.no_grad(), epic.compress(model, "dart", tokens=12, layer=2, text_pivots_from="prompt") as state:
+        model(**with_positions(batch))
+    differing = 0
+    for row in range(len(rows)):
+        alone, offset = one_row(batch, row)
+        start = int((alone["input_ids"][0] == SPEC.image_token_id).nonzero()[0])
+        normed, keys = layer_inputs(model, alone, 2)
+        expected = released_dart_selection(normed, keys, start, SPEC.image_tokens, 8, 4, 4)
+        differing += (state.kept[row] - offset).tolist() != expected.tolist()
+    assert differing > 0
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+@pytest.mark.parametrize("keep", [4, 7, 16, 32])
+def test_fastv_keeps_what_the_released_selection_keeps(layer, keep):
+    model = build_tiny_llava()
+    batch = make_batch(SPEC, ROWS, "left", labels=False, seed=layer + keep)
+    with torch.no_grad(), epic.compress(model, "fastv", tokens=keep, layer=layer) as state:
+        model(**batch)
+    set_attention_implementation(model.config.text_config, "eager")
+    for row in range(len(ROWS)):
+        alone, offset = one_row(batch, row)
+        start = int((alone["input_ids"][0] == SPEC.image_token_id).nonzero()[0])
+        with torch.no_grad():
+            attentions = model(**alone, output_attentions=True).attentions[layer - 1]
+        expected = released_fastv_selection(attentions, start, SPEC.image_tokens, keep)
+        assert (state.kept[row] - offset).tolist() == expected.tolist()

@@ -77,7 +77,7 @@ def eval_argv(folder, *extra: str, model: str = "model", data: str = "rows.json"
 MISTAKES = {  # argv (from the saved folder) -> what the one line must say
     "budget over the image": (lambda f: eval_argv(f, "--tokens", "100"), "epic eval: ", "larger than the image"),
     "unknown method": (lambda f: eval_argv(f, "--method", "nope"), "epic eval: ", "unknown compression method 'nope'"),
-    "layer out of range": (lambda f: eval_argv(f, "--layer", "9"), "epic eval: ", "layer must be an integer in [1, 3]"),
+    "layer out of range": (lambda f: eval_argv(f, "--layer", "9"), "epic eval: ", "layer must be an integer in [0, 3]"),
     "ratio out of range": (lambda f: eval_argv(f, "--ratio", "1.5"), "epic eval: ", "ratio must lie in [0, 1)"),
     "tokens not a number": (lambda f: eval_argv(f, "--tokens", "seven"), "epic eval: ", "--tokens takes whole numbers"),
     "budget with none": (lambda f: eval_argv(f, "--method", "none", "--tokens", "7"), "epic eval: ", "drop --tokens"),
@@ -173,8 +173,9 @@ def test_version_and_defaults_in_help(capsys, monkeypatch):
         main(["eval", "--help"])
     listed = " ".join(capsys.readouterr().out.split())
     for shown in (
-        "--method METHOD compression method (dart, fastv, random), or none for every visual token (default: dart)",
-        "--layer LAYER K, the first decoder layer that sees only the kept tokens (default: 2)",
+        "--method METHOD compression method (dart, dart_pre, divprune, fastv, random), or none for every visual token "
+        "(default: dart)",
+        "--layer LAYER K, the first decoder layer that sees only the kept tokens (0: before the LLM) (default: 2)",
         "--ratio RATIO instead of --tokens",
         "--out OUT folder for predictions, metrics and the grid (default: epic-out/eval)",
         "--threads THREADS torch threads",
@@ -244,10 +245,14 @@ def test_method_names_in_help_and_checks_come_from_the_registry(monkeypatch, cap
     for command in ("eval", "show", "bench", "chat"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
-        assert "dart, fastv, keepfirst, random" in " ".join(capsys.readouterr().out.split()), command
+        assert "dart, dart_pre, divprune, fastv, keepfirst, random" in " ".join(capsys.readouterr().out.split()), (
+            command
+        )
     settings, words = compression_of("keepfirst", 4, None, 2, 64)
     assert settings.method == "keepfirst" and words.startswith("keepfirst, 4 of 64")
-    with pytest.raises(ValueError, match="unknown compression method 'nope': choose one of dart, fastv, keepfirst"):
+    with pytest.raises(
+        ValueError, match="unknown compression method 'nope': choose one of dart, dart_pre, divprune, fastv, keepfirst"
+    ):
         compression_of("nope", 4, None, 2, 64)
 
 

@@ -7,23 +7,24 @@ import torch
 
 import epic
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
-from tests.helpers import Row, at_slots, make_batch, reference_logits
+from tests.helpers import Row, at_slots, make_batch, method_stages, reference_logits
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 ATTENTION = ["sdpa", "eager"]
-METHODS = ["dart", "fastv", "random"]
+STAGES = method_stages()
 SPEC = TinyLlavaSpec()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attention", ATTENTION)
-def test_full_budget_equals_stock_forward(family, attention):
+@pytest.mark.parametrize(("method", "layer"), [("dart", 2), ("divprune", 0)])
+def test_full_budget_equals_stock_forward(family, attention, method, layer):
     model = build_tiny_llava(TinyLlavaSpec(text_model=family), attn_implementation=attention)
     for padding_side in ("right", "left"):
         batch = make_batch(SPEC, [Row(), Row(before=9, answer=5), Row(images=0)], padding_side)
         with torch.no_grad():
             stock = model(**batch)
-            with epic.compress(model, "dart", tokens=SPEC.image_tokens, layer=2):
+            with epic.compress(model, method, tokens=SPEC.image_tokens, layer=layer):
                 compressed = model(**batch)
         assert compressed.logits.shape == stock.logits.shape
         torch.testing.assert_close(compressed.logits, stock.logits, atol=1e-5, rtol=0)
@@ -33,11 +34,10 @@ def test_full_budget_equals_stock_forward(family, attention):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attention", ATTENTION)
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("method", METHODS)
-def test_pruned_forward_matches_masked_reference(family, attention, padding_side, method):
+@pytest.mark.parametrize(("method", "layer"), STAGES)
+def test_pruned_forward_matches_masked_reference(family, attention, padding_side, method, layer):
     model = build_tiny_llava(TinyLlavaSpec(text_model=family), attn_implementation=attention)
     batch = make_batch(SPEC, [Row(), Row(before=11, after=3, answer=6), Row(images=2, answer=1)], padding_side)
-    layer = 2
     with torch.no_grad(), epic.compress(model, method, tokens=9, layer=layer) as state:
         out = model(**batch)
     assert [kept.numel() for kept in state.kept] == [9, 9, 18]
@@ -67,13 +67,13 @@ def test_sequence_shrinks_and_positions_keep_gaps():
     assert real[-1] == length - 1
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_text_only_row_in_mixed_batch_is_untouched(method):
+@pytest.mark.parametrize(("method", "layer"), STAGES)
+def test_text_only_row_in_mixed_batch_is_untouched(method, layer):
     model = build_tiny_llava()
     batch = make_batch(SPEC, [Row(), Row(images=0, before=30, answer=4)], "right")
     with torch.no_grad():
         stock = model(**batch).logits
-        with epic.compress(model, method, tokens=4) as state:
+        with epic.compress(model, method, tokens=4, layer=layer) as state:
             compressed = model(**batch).logits
     assert state.kept[1].numel() == 0
     assert torch.equal(state.original_positions[1], torch.arange(batch["input_ids"].shape[1]))

@@ -23,10 +23,16 @@ def test_budget_larger_than_image(model):
         epic.compress(model, "dart", tokens=65)
 
 
-@pytest.mark.parametrize("layer", [0, 4, -1, 2.0])
+@pytest.mark.parametrize("layer", [4, -1, 2.0])
 def test_bad_layer(model, layer):
-    with pytest.raises(ValueError, match=rf"compression layer must be an integer in \[1, 3\].*{layer!r}"):
+    with pytest.raises(ValueError, match=rf"compression layer must be an integer in \[0, 3\].*{layer!r}"):
         epic.compress(model, "dart", tokens=4, layer=layer)
+
+
+@pytest.mark.parametrize("method", ["dart", "fastv"])
+def test_a_method_that_scores_with_attention_cannot_run_before_the_llm(model, method):
+    with pytest.raises(ValueError, match=r"cannot run before the LLM \(layer=0\).*'dart_pre', 'divprune', 'random'"):
+        epic.compress(model, method, tokens=4, layer=0)
 
 
 def test_unknown_method(model):

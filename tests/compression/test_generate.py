@@ -8,7 +8,7 @@ import torch
 import epic
 from epic.compat import Layout, cache_length
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
-from tests.helpers import Row, make_batch
+from tests.helpers import Row, make_batch, method_stages
 
 SPEC = TinyLlavaSpec()
 NEW_TOKENS = 6
@@ -41,12 +41,12 @@ def test_full_budget_generate_equals_stock(family, attention):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("method", ["dart", "fastv"])
-def test_batched_generation_equals_per_row(family, method):
+@pytest.mark.parametrize(("method", "layer"), method_stages(exclude=("random",)))  # random draws across rows
+def test_batched_generation_equals_per_row(family, method, layer):
     model = build_tiny_llava(TinyLlavaSpec(text_model=family))
     rows = [Row(), Row(before=12, after=2), Row(images=2, before=2), Row(images=0, before=15)]
     batch = make_batch(SPEC, rows, "left", labels=False, seed=4)
-    with epic.compress(model, method, tokens=7, layer=2) as state:
+    with epic.compress(model, method, tokens=7, layer=layer) as state:
         batched = generate(model, batch)
         batched_kept = [k.tolist() for k in state.kept]
     length = batch["input_ids"].shape[1]
@@ -60,7 +60,7 @@ def test_batched_generation_equals_per_row(family, method):
         if rows[row].images:
             single["pixel_values"] = batch["pixel_values"][image_offset : image_offset + rows[row].images]
         image_offset += rows[row].images
-        with epic.compress(model, method, tokens=7, layer=2) as state:
+        with epic.compress(model, method, tokens=7, layer=layer) as state:
             alone = generate(model, single)
         pad = length - int(real.sum())
         assert alone.sequences[0, -NEW_TOKENS:].tolist() == batched.sequences[row, -NEW_TOKENS:].tolist()
@@ -123,3 +123,25 @@ def test_manual_decoding_loop_matches_generate():
             )
             tokens.append(out.logits[:, -1].argmax(-1))
     assert torch.equal(torch.stack(tokens, dim=1), reference)
+
+
+def test_decoding_before_the_llm_continues_from_the_unpruned_length():
+    """At layer 0 every layer's cache is short; a step without position ids or mask still gets the position it
+    has in the uncompressed sequence (the stock model would count the shorter cache): the loop's logits equal
+    generate's at every step."""
+    model = build_tiny_llava()
+    layout = Layout.of(model)
+    batch = make_batch(SPEC, [Row()], labels=False)
+    with epic.compress(model, "divprune", tokens=6, layer=0), torch.no_grad():
+        reference = generate(model, batch)
+        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], use_cache=True)
+        steps = [out.logits[:, -1]]
+        for token in reference.sequences[0, -NEW_TOKENS:-1]:
+            cache = layout.with_cache(layout.output_cache_of(out))
+            out = model(input_ids=token.view(1, 1), use_cache=True, **cache)
+            steps.append(out.logits[:, -1])
+        cache = layout.output_cache_of(out)
+        assert cache_length(cache, 0) == batch["input_ids"].shape[1] - SPEC.image_tokens + 6 + NEW_TOKENS - 1
+    for ours, theirs in zip(steps, reference.scores, strict=True):
+        allowed = theirs.isfinite()  # min_new_tokens sets the end-of-sequence score to -inf
+        torch.testing.assert_close(ours[allowed], theirs[allowed], atol=1e-5, rtol=0)

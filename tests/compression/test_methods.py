@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,14 +11,26 @@ import torch.nn.functional as F
 import epic
 from epic.compression import METHODS, ImageSelection, register_method
 from epic.compression.methods.dart import Dart, split_evenly
+from epic.compression.methods.dart_pre import DartPre
+from epic.compression.registry import method_spec
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
-from tests.helpers import Row, make_batch
+from tests.helpers import Row, make_batch, method_stages
 
 SPEC = TinyLlavaSpec()
 
 
 def test_registry_lists_builtin_methods():
-    assert {"dart", "fastv", "random"} <= set(METHODS)
+    assert {"dart", "dart_pre", "divprune", "fastv", "random"} <= set(METHODS)
+
+
+def test_a_method_list_entry_names_its_layer_after_an_at_sign():
+    assert method_spec("dart", 2) == ("dart", 2)
+    assert method_spec("divprune@0", 2) == ("divprune", 0)
+    assert method_spec("fastv@5", 2) == ("fastv", 5)
+    with pytest.raises(ValueError, match=r"'fastv@x': the layer after @ must be a non-negative integer"):
+        method_spec("fastv@x", 2)
+    with pytest.raises(ValueError, match=r"unknown compression method 'nope' in 'nope@0'"):
+        method_spec("nope@0", 2)
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -185,6 +199,23 @@ def test_dart_refuses_an_unknown_text_pivot_span():
         Dart(text_pivots_from="question")
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_dart_before_the_llm_is_darts_rule_with_feature_norms_for_key_norms(seed):
+    generator = torch.Generator().manual_seed(seed)
+    length = 30
+    image = ImageSelection(
+        positions=torch.arange(8, 24),
+        budget=9,
+        text_positions=torch.cat([torch.arange(0, 8), torch.arange(24, 30)]),
+        attention=None,
+        key_norms=None,
+        features=torch.randn(length, 12, generator=generator),
+        generator=generator,
+    )
+    as_keys = replace(image, key_norms=image.features.abs().sum(dim=-1))
+    assert DartPre(pivots_image=2, pivots_text=3).select(image).tolist() == reference_dart(as_keys, 2, 3, "after_image")
+
+
 def test_random_is_reproducible_and_varies_with_seed():
     model = build_tiny_llava()
     batch = make_batch(SPEC, [Row(), Row()], labels=False)
@@ -198,8 +229,8 @@ def test_random_is_reproducible_and_varies_with_seed():
     assert kept(1) != kept(2)
 
 
-@pytest.mark.parametrize("method", ["dart", "fastv", "random"])
-def test_answer_tokens_do_not_change_what_is_kept(method):
+@pytest.mark.parametrize(("method", "layer"), method_stages())
+def test_answer_tokens_do_not_change_what_is_kept(method, layer):
     model = build_tiny_llava()
     batch = make_batch(SPEC, [Row(answer=6), Row(before=7, answer=4)])
     altered = {k: v.clone() for k, v in batch.items()}
@@ -208,7 +239,7 @@ def test_answer_tokens_do_not_change_what_is_kept(method):
     altered["labels"][answers] = altered["input_ids"][answers]
     results = []
     for inputs in (batch, altered):
-        with torch.no_grad(), epic.compress(model, method, tokens=7, seed=5) as state:
+        with torch.no_grad(), epic.compress(model, method, tokens=7, seed=5, layer=layer) as state:
             model(**inputs)
         results.append([k.tolist() for k in state.kept])
     assert results[0] == results[1]

@@ -1,4 +1,5 @@
-"""The kept sets of DART and FastV against transcriptions of the released selection code, on the same tensors.
+"""The kept sets of DART, FastV and DivPrune against transcriptions of the released selection code, on the same
+tensors.
 
 The transcriptions below follow the released functions line by line (batch of one, one image, the image span given
 by its start and length, everything after the span is query text). They differ only where docs/compression.md says
@@ -74,6 +75,26 @@ def released_fastv_selection(last_layer_attention: torch.Tensor, start: int, len
     last_layer_attention_avg = torch.mean(last_layer_attention, dim=1)[0]
     last_tok_image = last_layer_attention_avg[-1][start : start + length]
     return (last_tok_image.topk(keep).indices + start).sort().values
+
+
+def released_divprune_selection(
+    visual_feature_vectors: torch.Tensor, image_feature_length: int, threshold_ratio: float
+) -> torch.Tensor:
+    """A transcription of `DivPrune` and `pairwise_cosine_similarity` in vbdi/divprune's
+    LLaVA/llava/model/llava_arch.py (commit 799e2d950aa01ba7860907f5a6d86061f885dca6): greedy max-min cosine
+    distance over the visual tokens' input embeddings. Returns the chosen indices in the order chosen."""
+    threshold_terms = round(threshold_ratio * image_feature_length)
+    norm_matrix = visual_feature_vectors / visual_feature_vectors.norm(dim=1, keepdim=True)
+    cosine_matrix = 1.0 - torch.mm(norm_matrix, norm_matrix.t())
+    s = torch.empty(threshold_terms, dtype=torch.long)
+    for i in range(threshold_terms):
+        if i == 0:
+            scores = torch.topk(cosine_matrix, 2, dim=0, largest=False).values[1, :]
+        else:
+            m2 = torch.index_select(cosine_matrix, 0, torch.index_select(s, 0, torch.arange(0, i)))
+            scores = torch.min(m2, dim=0).values
+        s[i] = torch.argmax(scores)
+    return s
 
 
 def layer_inputs(model, batch: dict[str, torch.Tensor], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,3 +199,33 @@ def test_fastv_keeps_what_the_released_selection_keeps(layer, keep):
             attentions = model(**alone, output_attentions=True).attentions[layer - 1]
         expected = released_fastv_selection(attentions, start, SPEC.image_tokens, keep)
         assert (state.kept[row] - offset).tolist() == expected.tolist()
+
+
+def input_embeddings(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[1, L, d] what decoder layer 0 receives in a stock forward: text embeddings and projected visual features."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["hidden"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    return seen["hidden"]
+
+
+@pytest.mark.parametrize("keep", [4, 7, 16, 32])
+def test_divprune_before_the_llm_keeps_what_the_released_selection_keeps(keep):
+    model = build_tiny_llava()
+    batch = make_batch(SPEC, ROWS, "left", labels=False, seed=keep)
+    with torch.no_grad(), epic.compress(model, "divprune", tokens=keep, layer=0) as state:
+        model(**with_positions(batch))
+    for row in range(len(ROWS)):
+        alone, offset = one_row(batch, row)
+        start = int((alone["input_ids"][0] == SPEC.image_token_id).nonzero()[0])
+        visual = input_embeddings(model, alone)[0, start : start + SPEC.image_tokens]
+        expected = released_divprune_selection(visual, SPEC.image_tokens, keep / SPEC.image_tokens)
+        assert (state.kept[row] - offset).tolist() == (expected + start).sort().values.tolist()

@@ -8,32 +8,32 @@ import torch
 import epic
 from epic.distill import distilled_positions
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
-from tests.helpers import Row, make_batch
+from tests.helpers import Row, make_batch, method_stages
 
 SPEC = TinyLlavaSpec()
 
 
-def gradients(method: str, checkpointing: dict | None) -> tuple[float, dict[str, torch.Tensor]]:
+def gradients(method: str, checkpointing: dict | None, layer: int = 2) -> tuple[float, dict[str, torch.Tensor]]:
     model = build_tiny_llava(seed=1).train()
     if checkpointing is not None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
     batch = make_batch(SPEC, [Row(), Row(before=8, answer=5), Row(images=0)], "right")
-    with epic.compress(model, method, tokens=6, layer=2, seed=3):
+    with epic.compress(model, method, tokens=6, layer=layer, seed=3):
         loss = model(**batch).loss
         loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return loss.item(), grads
 
 
-@pytest.mark.parametrize("method", ["dart", "fastv", "random"])
-def test_gradients_are_finite_and_checkpointing_changes_nothing(method):
-    loss, plain = gradients(method, None)
+@pytest.mark.parametrize(("method", "layer"), method_stages())
+def test_gradients_are_finite_and_checkpointing_changes_nothing(method, layer):
+    loss, plain = gradients(method, None, layer)
     assert torch.isfinite(torch.tensor(loss))
     assert all(torch.isfinite(g).all() for g in plain.values())
     assert any(name.startswith("model.language_model.layers.3") for name in plain)
     assert plain["model.multi_modal_projector.linear_1.weight"].abs().sum() > 0
     for kwargs in ({"use_reentrant": False}, {"use_reentrant": True}):
-        checkpointed_loss, checkpointed = gradients(method, kwargs)
+        checkpointed_loss, checkpointed = gradients(method, kwargs, layer)
         assert checkpointed_loss == pytest.approx(loss, abs=1e-6)
         assert plain.keys() == checkpointed.keys()
         for name, grad in plain.items():

@@ -39,6 +39,21 @@ def test_bench_rows_cache_and_flops(tmp_path):
     assert Image.open(tmp_path / "bench.png").size[0] > 300
 
 
+def test_bench_of_a_method_before_the_llm_counts_every_layer_compressed():
+    model = build_tiny_llava(TinyLlavaSpec(), attn_implementation="eager")
+    inputs = synthetic_prompt(model, text_tokens=20, batch=1)
+    rows = run_bench(model, inputs, ["divprune@0", "divprune"], [7], repeats=1, new_tokens=3, progress=False)
+    none, before, inside = rows
+    assert (before.method, inside.method) == ("divprune@0", "divprune")
+    length, kept = 20 + 64, 20 + 7  # text and one image; the image compressed to 7
+    assert before.flops_ratio < inside.flops_ratio < 1.0
+    assert before.cache_measured == before.cache_formula < inside.cache_measured == inside.cache_formula
+    # counted beyond the decoder's formula: DivPrune's 64 x 64 cosine matrix over 64-wide features, nothing else
+    assert before.flops_counted - before.flops_formula == 2 * 64 * 64 * 64
+    assert before.cache_formula == 4 * kept * 2 * 2 * 16 * 4  # every layer holds the kept sequence (fp32)
+    assert none.cache_formula == 4 * length * 2 * 2 * 16 * 4
+
+
 def _row(method: str, prefill_s: float, spread: float = 0.0) -> BenchRow:
     return BenchRow(method, 7, prefill_s, spread, prefill_s / 0.2, 100.0, 0.0, 1.0, 10, 1.0, 10, 1, 1, None)
 

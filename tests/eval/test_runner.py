@@ -125,7 +125,7 @@ def test_grid_of_methods_and_budgets(setup, tmp_path):
         "--images",
         str(folder / "shapes" / "images"),
         "--methods",
-        "dart,random",
+        "dart,divprune@0",
         "--tokens",
         "64,16,7",
         "--out",
@@ -139,9 +139,10 @@ def test_grid_of_methods_and_budgets(setup, tmp_path):
         ("none", 64),
         ("dart", 16),
         ("dart", 7),
-        ("random", 16),
-        ("random", 7),
+        ("divprune@0", 16),
+        ("divprune@0", 7),
     ]
+    assert "'layer': 2" in str(rows[1]["settings"]) and "'layer': 0" in str(rows[3]["settings"])  # name@K: at K
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "dart-7.jsonl").is_file()
     before = {path.name: path.read_text() for path in tmp_path.glob("*.jsonl")}
     assert main(argv) == 0  # a rerun resumes from every predictions file: nothing left to generate

@@ -60,4 +60,4 @@ def test_show_command_writes_a_png(tmp_path, capsys):
     assert Image.open(out).size == (PANEL * 4, QUESTION + TITLE + PANEL)
     printed = capsys.readouterr().out
     assert "question: What is in the image?" in printed
-    assert all(f"{method:<8} kept 12 of 196: '" in printed for method in ("dart", "fastv", "random"))
+    assert all(f"{method:<10} kept 12 of 196: '" in printed for method in ("dart", "fastv", "random"))

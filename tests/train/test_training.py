@@ -71,7 +71,8 @@ def test_training_starts_with_a_banner_of_what_it_runs(shapes, tmp_path, capsys)
         (["--mode", "kd"], "unknown training mode 'kd'"),
         (["--method", "pdropx"], "unknown compression method 'pdropx'"),
         (["--ratio", "1.2"], r"ratio must lie in \[0, 1\)"),
-        (["--layer", "9"], r"layer must lie in \[1, 3\]"),
+        (["--layer", "9"], r"layer must lie in \[0, 3\] \(0: before the LLM\)"),
+        (["--layer", "0"], r"Dart scores with layer K-1's attention, so it cannot run before the LLM"),
         (["--r_max_start", "0.5", "--r_min_start", "0.5"], "ends before it starts"),
         (["--gap_start", "-0.2"], "teacher must be milder"),
         (["--mode", "lcd", "--lcd_gap_layers_max", "0"], "teacher must be milder"),
@@ -89,7 +90,16 @@ def flat_parameters(model) -> dict[str, torch.Tensor]:
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
 
 
-@pytest.mark.parametrize(("mode", "extra"), [("sft", ["--tokens", "7"]), ("tcd", []), ("lcd", []), ("tcd+lcd", [])])
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [
+        ("sft", ["--tokens", "7"]),
+        ("tcd", []),
+        ("tcd", ["--method", "divprune", "--layer", "0"]),  # before the LLM
+        ("lcd", []),
+        ("tcd+lcd", []),
+    ],
+)
 def test_one_step_changes_only_the_trainable_parts(shapes, tmp_path, mode, extra):
     argv = tiny_options(shapes, tmp_path / mode, mode=mode, max_steps=1)
     model_args, data_args, distill_args, training_args = parse_recipe(None, argv + extra)

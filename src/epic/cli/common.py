@@ -49,6 +49,17 @@ def budget_list(text: str) -> list[int]:
         raise ValueError(f"--tokens takes whole numbers separated by commas (e.g. 64,16,7), got {text!r}") from None
 
 
+def method_list(text: str, layer: int) -> list[str]:
+    """A comma-separated method list, each `name` or `name@K` (compress at K; `divprune@0`: before the LLM), checked
+    against the registry before any model loads (a method that cannot run at its layer fails when it is attached)."""
+    from epic.compression.registry import method_spec
+
+    methods = [method.strip() for method in text.split(",") if method.strip()]
+    for method in methods:
+        method_spec(method, layer)
+    return methods
+
+
 def compression_of(method: str, tokens: int | None, ratio: float | None, layer: int, image_tokens: int):
     """The compression a command runs and its words for the header; `method` 'none' keeps every token, and without
     --tokens or --ratio a method keeps N/9 of the image's tokens."""

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from epic.cli.common import budget_list, compression_of, existing, one_of
+from epic.cli.common import budget_list, compression_of, existing, method_list, one_of
 from epic.models.loading import llava_folder, load_llava, load_llava_model
 
 
@@ -62,17 +62,13 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def evaluate_grid(args: argparse.Namespace, model, processor, template, items, image_tokens: int, rows: str) -> int:
     """`epic eval --methods A,B --tokens N1,N2,...`: every method at every budget, a table, grid.json and a plot."""
-    from epic.compression.registry import method_names
     from epic.eval.grid import grid_table, plot_grid, run_grid
     from epic.eval.tasks import chance_level
 
     if not args.tokens:
         raise ValueError(f"a grid (--methods) needs --tokens, e.g. --tokens {image_tokens},{image_tokens // 9}")
     budgets = budget_list(args.tokens)
-    methods = args.grid_methods.split(",")
-    unknown = [method for method in methods if method not in method_names()]
-    if unknown:
-        raise ValueError(f"unknown compression method(s) {', '.join(unknown)}: choose from {', '.join(method_names())}")
+    methods = method_list(args.grid_methods, args.layer)
     out = Path(args.out)
     print(
         f"epic eval: {args.model} | {', '.join(methods)} at {args.tokens} of {image_tokens} visual tokens from "
@@ -124,14 +120,14 @@ def show(args: argparse.Namespace) -> int:
         template = get_template("vicuna_v1")
     image_tokens = image_token_count(processor)
     tokens = default_tokens(image_tokens) if args.tokens is None else args.tokens
-    methods = args.methods.split(",")
+    methods = method_list(args.methods, args.layer)
     name = args.model or "a tiny random model"
     print(f"epic show: {name} | {', '.join(methods)}, {tokens} of {image_tokens} visual tokens from layer {args.layer}")
     image, results = kept_patches(model, processor, template, image, args.question, methods, tokens, args.layer)
     draw_kept(image, results, args.question).save(args.out)
     print(f"question: {args.question}")
     for result in results:
-        print(f"  {result.method:<8} kept {len(result.patches)} of {image_tokens}: {result.answer!r}")
+        print(f"  {result.method:<10} kept {len(result.patches)} of {image_tokens}: {result.answer!r}")
     print(f"picture: {args.out}")
     return 0
 
@@ -162,7 +158,7 @@ def bench(args: argparse.Namespace) -> int:
         model = build_tiny_llava(PRESETS[args.preset], attn_implementation=args.attn, dtype=dtype)
     model = model.to(args.device).eval()
     inputs = synthetic_prompt(model, args.text_tokens, args.batch)
-    budgets, methods = budget_list(args.tokens), args.methods.split(",")
+    budgets, methods = budget_list(args.tokens), method_list(args.methods, args.layer)
     name = args.model or f"preset {args.preset} (random weights)"
     settings = bench_settings(
         model, inputs, model=name, repeats=args.repeats, new_tokens=args.new_tokens, layer=args.layer

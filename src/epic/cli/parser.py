@@ -10,7 +10,7 @@ from epic.cli.common import HelpFormatter, default_threads
 from epic.compression.registry import method_names
 from epic.models.presets import PRESETS
 
-LAYER_HELP = "K, the first decoder layer that sees only the kept tokens"
+LAYER_HELP = "K, the first decoder layer that sees only the kept tokens (0: before the LLM)"
 THREADS_HELP = "torch threads (default: $OMP_NUM_THREADS, else 1)"
 
 
@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--methods",
         dest="grid_methods",
-        help=f"a grid: these methods (comma-separated, of {methods}) at every --tokens budget "
-        "(the image's full count means no compression)",
+        help=f"a grid: these methods (comma-separated, of {methods}; name@K compresses at layer K, e.g. "
+        "divprune@0 before the LLM) at every --tokens budget (the image's full count means no compression)",
     )
     evaluate.add_argument("--batch-size", type=int, default=16, help="questions per generate call (left-padded)")
     evaluate.add_argument("--max-new-tokens", type=int, default=8, help="longest answer, in tokens")
@@ -157,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("image", help="the image file")
     show.add_argument("--model", help="a LLaVA folder (default: a tiny random model)")
     show.add_argument("--template", help="conversation template (default: the one stored with the model)")
-    show.add_argument("--methods", default="dart,fastv,random", help=f"methods to draw, comma-separated ({methods})")
+    show.add_argument(
+        "--methods",
+        default="dart,fastv,random",
+        help=f"methods to draw, comma-separated ({methods}; name@K: at layer K)",
+    )
     show.add_argument("--tokens", type=int, help="kept visual tokens per image (default: N/9 of the image's)")
     show.add_argument("--layer", type=int, default=2, help=LAYER_HELP)
     show.add_argument("--question", default="What is in the image?", help="the question the text-aware methods read")
@@ -180,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         "LLaVA-1.5-7B's decoder)",
     )
     bench.add_argument(
-        "--methods", default="dart,fastv,random", help=f"methods to measure, comma-separated ({methods})"
+        "--methods",
+        default="dart,fastv,random",
+        help=f"methods to measure, comma-separated ({methods}; name@K: at layer K, e.g. divprune@0 before the LLM)",
     )
     bench.add_argument("--tokens", default="32,16,7", help="kept visual tokens per image, comma-separated")
     bench.add_argument("--layer", type=int, default=2, help=LAYER_HELP)

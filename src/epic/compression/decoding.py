@@ -24,6 +24,12 @@ class CacheRecord:
     attention_mask: torch.Tensor | None  # [B, kv'] 2D mask of the compressed cache; None when it had no image
     slot_positions: torch.Tensor | None  # [B, kv'] original positions of the compressed cache's slots
     original_length: int  # the prefill's input length
+    decoded: int = 0  # tokens fed by decoding steps since
+
+    @property
+    def seen(self) -> int:
+        """Positions seen so far in original coordinates (what an uncompressed cache would hold)."""
+        return self.original_length + self.decoded
 
     def check_continues(self, cache: Any, inputs: dict[str, Any]) -> None:
         """Refuse a decoding step on a cache this record does not describe, or one that brings new images."""
@@ -45,6 +51,7 @@ class CacheRecord:
             position_ids: [1 or B, q] the new tokens' positions. `layer` is K, whose cache is checked.
         Returns None when the prefill had no image (layers >= K hold the full cache).
         """
+        self.decoded += query_length
         if self.attention_mask is None:
             return None
         new_mask = step_mask[:, self.original_length :].bool()[:, -query_length:]

@@ -1,6 +1,7 @@
 """Attach visual-token compression to a stock transformers LLaVA model, from outside: the hooks and their life cycle.
 
-Layers 0..K-1 see every token; layers K..L-1 see the text tokens plus the kept visual tokens. Nothing of the
+Layers 0..K-1 see every token; layers K..L-1 see the text tokens plus the kept visual tokens (K = 0: before the
+LLM, every decoder layer sees the compressed sequence and there is no layer K-1 to score). Nothing of the
 modeling code is copied. A forward meets the hooks in this order:
 
 1. the model's forward pre-hook reads the batch (`batch.read_layout`: images per row, where each prompt ends,
@@ -52,7 +53,7 @@ from epic.compression.budget import Budget, configured_image_tokens
 from epic.compression.decoding import CacheRecord, check_decoding
 from epic.compression.forward import ForwardState
 from epic.compression.planning import Plan, attention_types, build_masks, gather_plan, score_prompt, select_kept
-from epic.compression.registry import CompressionMethod, resolve_method
+from epic.compression.registry import CompressionMethod, check_stage, method_features, resolve_method
 from epic.compression.suffix import Prefix, run_layers
 from epic.compression.trimming import last_mlp_of, mlp_at_rows
 
@@ -86,12 +87,13 @@ class Compression:
         self.layout = Layout.of(model)  # the installed transformers' names, resolved once (an unknown one fails here)
         self.text_config = model.config.text_config
         layers = self.language_model.layers
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < len(layers):
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
             raise ValueError(
-                f"compression layer must be an integer in [1, {len(layers) - 1}] for a model with "
-                f"{len(layers)} decoder layers; got {layer!r}"
+                f"compression layer must be an integer in [0, {len(layers) - 1}] (0: before the LLM) for a model "
+                f"with {len(layers)} decoder layers; got {layer!r}"
             )
         self.method = resolve_method(method, options)
+        check_stage(self.method, layer)
         self.budget = budget
         self.layer = layer
         self.profile = profile
@@ -123,11 +125,13 @@ class Compression:
         configured = configured_image_tokens(model.config)
         if configured is not None:  # fail at attach time when the config already tells the budget cannot fit
             budget.resolve(configured)
-        self._scoring = ScoringRoute(layers[layer - 1].self_attn)
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model, with_kwargs=True))
         self._handles.append(model.get_output_embeddings().register_forward_pre_hook(self._before_lm_head))
-        self._handles.append(layers[layer - 1].register_forward_pre_hook(self._before_scoring_layer, with_kwargs=True))
+        self._scoring = ScoringRoute(layers[layer - 1].self_attn) if layer > 0 else None  # before the LLM: no scores
+        if self._scoring is not None:
+            scoring_hook = layers[layer - 1].register_forward_pre_hook(self._before_scoring_layer, with_kwargs=True)
+            self._handles.append(scoring_hook)
         for index in range(layer, len(layers)):
             hook = self._layer_pre_hook(index)
             self._handles.append(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
@@ -140,7 +144,8 @@ class Compression:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._scoring.restore()
+        if self._scoring is not None:
+            self._scoring.restore()
         self._plans = WeakIdKeyDictionary()
         self._forward = None
         self._cache_record = None
@@ -217,10 +222,14 @@ class Compression:
         cache = self.layout.model_cache_in(inputs)
         if cache is not None and cache_length(cache) > 0:
             check_decoding(self._cache_record, cache, inputs)
+            batch_size, query_length = input_ids.shape
+            seen = self._cache_record.seen  # the cache's length in original coordinates (layer 0's is shorter at K=0)
             mask = inputs.get("attention_mask")
             if mask is None:
-                shape = (input_ids.shape[0], cache_length(cache) + input_ids.shape[1])
-                mask = torch.ones(shape, dtype=torch.bool, device=input_ids.device)
+                mask = torch.ones((batch_size, seen + query_length), dtype=torch.bool, device=input_ids.device)
+            if self.layer == 0 and inputs.get("position_ids") is None:  # the model would count the shorter cache
+                steps = torch.arange(seen, seen + query_length, device=input_ids.device)
+                inputs["position_ids"] = steps.expand(batch_size, -1)
             self._forward = ForwardState(decode_mask=mask)
             return (), inputs
         if not (input_ids == self.image_token_id).any():
@@ -246,7 +255,7 @@ class Compression:
         cache = self.layout.output_cache_of(output)
         if forward.layout is None:
             if cache is not None:
-                self._cache_record = CacheRecord(weakref.ref(cache), None, None, 0)
+                self._cache_record = CacheRecord(weakref.ref(cache), None, None, cache_length(cache))  # uncompressed
             return output
         plan = forward.plan
         if plan is None:
@@ -355,10 +364,10 @@ class Compression:
             return plan
         if forward.layout is None:
             return None
-        if forward.scores is None:
+        if forward.scores is None and self.layer > 0:
             raise RuntimeError(f"layer {self.layer - 1} was not scored before layer {self.layer}")
         with torch.no_grad(), self._timed():
-            features = self.language_model.norm(hidden_states) if self.method.needs_features else None
+            features = method_features(self.method, hidden_states, self.language_model.norm)
             keep, forward.kept = select_kept(
                 self.method, self.budget, forward.layout, forward.scores, features, self.generator, hidden_states.device
             )

@@ -69,7 +69,7 @@ def select_kept(
     method: CompressionMethod,
     budget: Budget,
     layout: BatchLayout,
-    scores: Scores,
+    scores: Scores | None,
     features: torch.Tensor | None,
     generator: torch.Generator,
     device: torch.device,
@@ -77,8 +77,8 @@ def select_kept(
     """Run `method` on every image of every row.
 
     The last prompt token is never dropped (it may be an image token when a row ends with its image): it counts
-    toward its image's budget. `features` are [B, L, d] (or None when the method does not need them); the
-    selection runs on `device` (the hidden states').
+    toward its image's budget. `scores` are None before the LLM (layer 0). `features` are [B, L, d] (or None when
+    the method does not need them); the selection runs on `device` (the hidden states').
     Returns the [B, L] bool mask of surviving positions and, per row and image, the kept positions (on the CPU).
     """
     keep = ~layout.image_mask.to(device)
@@ -96,8 +96,8 @@ def select_kept(
                     positions=candidates,
                     budget=share,
                     text_positions=layout.text_positions[row].to(device),
-                    attention=scores.attention[row],
-                    key_norms=scores.key_norms[row],
+                    attention=None if scores is None else scores.attention[row],
+                    key_norms=None if scores is None else scores.key_norms[row],
                     features=None if features is None else features[row],
                     generator=generator,
                 )

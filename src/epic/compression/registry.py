@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import importlib.util
 import pkgutil
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -24,8 +25,12 @@ BUILTIN_PACKAGE = "epic.compression.methods"
 class CompressionMethod(Protocol):
     """Chooses which visual tokens of one image survive past the compression layer.
 
-    `needs_features` asks the engine for the normed hidden states entering the compression layer
-    (only DART uses them; the others skip that work).
+    Class attributes saying what the method reads (the engine computes nothing a method does not ask for):
+        needs_features: the hidden states entering the compression layer, after the model's final norm;
+        raw_features (optional, default False): with `needs_features`, those hidden states as they are (before the
+            LLM: the projected visual features and the text embeddings);
+        needs_scores (optional, default True): layer K-1's attention row and key norms; a method without them can
+            also run before the LLM (`layer=0`).
     """
 
     needs_features: bool
@@ -52,6 +57,28 @@ def register_method(name: str):
     return decorate
 
 
+def needs_scores(method: CompressionMethod) -> bool:
+    """Whether `method` reads layer K-1's attention and key norms (so it runs inside the LLM only)."""
+    return getattr(method, "needs_scores", True)
+
+
+def check_stage(method: CompressionMethod, layer: int) -> None:
+    """Refuse, in one line, a method that scores with layer K-1's attention asked to run before the LLM."""
+    if layer == 0 and needs_scores(method):
+        before = sorted(name for name, cls in registered_methods().items() if not needs_scores(cls))
+        raise ValueError(
+            f"compression method {type(method).__name__} scores with layer K-1's attention, so it cannot run before "
+            f"the LLM (layer=0); use layer >= 1, or a method that runs before the LLM: {before}"
+        )
+
+
+def method_features(method: CompressionMethod, hidden_states: torch.Tensor, norm: Callable) -> torch.Tensor | None:
+    """What `method` reads as features of the hidden states entering the compression layer ([B, L, d] or None)."""
+    if not method.needs_features:
+        return None
+    return hidden_states if getattr(method, "raw_features", False) else norm(hidden_states)
+
+
 def builtin_method_names() -> list[str]:
     """The built-in methods' names: the modules of `epic.compression.methods`, found without importing them."""
     spec = importlib.util.find_spec(BUILTIN_PACKAGE)
@@ -61,6 +88,19 @@ def builtin_method_names() -> list[str]:
 def method_names() -> list[str]:
     """Every method name `build_method` accepts: the built-ins and any registered since (torch-free)."""
     return sorted({*builtin_method_names(), *METHODS})
+
+
+def method_spec(spec: str, layer: int) -> tuple[str, int]:
+    """(method name, layer) of a method list entry: `name` compresses at `layer`, `name@K` at layer K (`divprune@0`:
+    before the LLM). Torch-free, so commands check their lists before loading a model."""
+    name, at, where = spec.partition("@")
+    if name not in method_names():
+        raise ValueError(f"unknown compression method {name!r} in {spec!r}: choose from {', '.join(method_names())}")
+    if not at:
+        return name, layer
+    if not where.isdigit():
+        raise ValueError(f"{spec!r}: the layer after @ must be a non-negative integer, e.g. {name}@0 (before the LLM)")
+    return name, int(where)
 
 
 def registered_methods() -> dict[str, type]:

@@ -19,17 +19,17 @@ class ImageSelection:
         budget: how many of them to keep (0 <= budget <= n).
         text_positions: [t] input positions of the prompt's text tokens.
         attention: [L] attention paid to every position by the last prompt token at layer K-1, averaged
-            over heads (fp32; zero outside the prompt).
-        key_norms: [L] L1 norm of every position's key states at layer K-1 (fp32).
-        features: [L, d] hidden states entering layer K after the model's final norm, or None when the
-            method does not ask for them.
+            over heads (fp32; zero outside the prompt); None before the LLM (layer 0).
+        key_norms: [L] L1 norm of every position's key states at layer K-1 (fp32); None before the LLM.
+        features: [L, d] hidden states entering layer K (after the model's final norm unless the method asks
+            for them raw), or None when the method does not ask for them.
         generator: a seeded CPU generator for methods that draw at random.
     """
 
     positions: torch.Tensor
     budget: int
     text_positions: torch.Tensor
-    attention: torch.Tensor
-    key_norms: torch.Tensor
+    attention: torch.Tensor | None
+    key_norms: torch.Tensor | None
     features: torch.Tensor | None
     generator: torch.Generator

@@ -52,9 +52,10 @@ class Curriculum:
 
     def __post_init__(self) -> None:
         mode = training_mode(self.mode)
-        if not 1 <= self.layer < self.num_layers:
+        if not 0 <= self.layer < self.num_layers:
             raise ValueError(
-                f"layer must lie in [1, {self.num_layers - 1}] for {self.num_layers} layers, got {self.layer}"
+                f"layer must lie in [0, {self.num_layers - 1}] (0: before the LLM) for {self.num_layers} layers, "
+                f"got {self.layer}"
             )
         if self.target_ratio is not None and not 0.0 <= self.target_ratio < 1.0:
             raise ValueError(f"the target ratio must lie in [0, 1), got {self.target_ratio}")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import epic
 from epic.compat import Layout
+from epic.compression.registry import method_spec
 from epic.eval.cost import DecoderShape, kv_cache_bytes, measured_cache_bytes, prefill_macs
 from epic.models.assemble import visual_tokens
 
@@ -176,6 +177,7 @@ def run_bench(
     progress: bool = True,
 ) -> list[BenchRow]:
     """The uncompressed reference row, then one row per (method, budget), every ratio taken to the reference row.
+    A method compresses at `layer`, or at K when written `name@K` (`divprune@0`: before the LLM).
 
     The reference is timed again right before each configuration, so drift over the run hits both alike; its row
     is the median over all of those samples, and it is the number the ratios divide by.
@@ -191,10 +193,11 @@ def run_bench(
     for method, tokens in tqdm([(m, t) for m in methods for t in budgets], desc="bench", disable=not progress):
         reference_prefills, reference_rates, _, _ = _measure(model, inputs, new_tokens, repeats)
         base_prefills, base_rates = base_prefills + reference_prefills, base_rates + reference_rates
-        with epic.compress(model, method, tokens=tokens, layer=layer):
+        name, method_layer = method_spec(method, layer)
+        with epic.compress(model, name, tokens=tokens, layer=method_layer):
             prefills, rates, cache, peak = _measure_until_stable(model, inputs, new_tokens, repeats)
             counted = _counted_flops(model, inputs)
-        measured.append((method, tokens, Timing.of(prefills), Timing.of(rates), cache, peak, counted))
+        measured.append((method, method_layer, tokens, Timing.of(prefills), Timing.of(rates), cache, peak, counted))
     prefill, rate = Timing.of(base_prefills), Timing.of(base_rates)
     base_flops = 2 * prefill_macs(shape, length) * rows
     result = [
@@ -215,9 +218,9 @@ def run_bench(
             peak_memory=base_peak,
         )
     ]
-    for method, tokens, prefills, rates, cache, peak, counted in measured:
+    for method, method_layer, tokens, prefills, rates, cache, peak, counted in measured:
         kept_length = length - visual + tokens
-        flops = 2 * prefill_macs(shape, length, kept_length, layer) * rows
+        flops = 2 * prefill_macs(shape, length, kept_length, method_layer) * rows
         result.append(
             BenchRow(
                 method=method,
@@ -232,7 +235,7 @@ def run_bench(
                 flops_ratio=flops / base_flops,
                 flops_counted=counted,
                 cache_measured=cache,
-                cache_formula=rows * kv_cache_bytes(shape, length, kept_length, layer, bytes_per_value),
+                cache_formula=rows * kv_cache_bytes(shape, length, kept_length, method_layer, bytes_per_value),
                 peak_memory=peak,
             )
         )
@@ -247,8 +250,9 @@ def format_bench(rows: list[BenchRow]) -> str:
     """A table: times and FLOPs as ratios to the none row above them, KV cache measured next to the formula;
     timings too short or too spread to trust marked `~`, the peak-memory column only where it was measured."""
     with_peak = any(row.peak_memory is not None for row in rows)
+    width = max(8, *(len(row.method) for row in rows))
     header = (
-        f"{'method':<8} {'kept':>5} {'prefill ms':>11} {'x none':>7} {'FLOPs x':>8} {'decode tok/s':>13} "
+        f"{'method':<{width}} {'kept':>5} {'prefill ms':>11} {'x none':>7} {'FLOPs x':>8} {'decode tok/s':>13} "
         f"{'x none':>7} {'KV MiB (measured / formula)':>28} {'GFLOPs counted / formula':>25}"
     )
     lines = [header + (f" {'peak MiB':>9}" if with_peak else "")]
@@ -256,7 +260,7 @@ def format_bench(rows: list[BenchRow]) -> str:
         prefill_noisy = row.prefill_noisy or rows[0].prefill_noisy
         decode_noisy = row.decode_noisy or rows[0].decode_noisy
         line = (
-            f"{row.method:<8} {row.tokens:>5} {_flagged(f'{row.prefill_s * 1e3:.2f}', row.prefill_noisy):>11} "
+            f"{row.method:<{width}} {row.tokens:>5} {_flagged(f'{row.prefill_s * 1e3:.2f}', row.prefill_noisy):>11} "
             f"{_flagged(f'{row.prefill_ratio:.3f}', prefill_noisy):>7} {row.flops_ratio:>8.3f} "
             f"{_flagged(f'{row.decode_tokens_per_s:.1f}', row.decode_noisy):>13} "
             f"{_flagged(f'{row.decode_ratio:.3f}', decode_noisy):>7} "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from epic.compression.registry import method_spec
 from epic.data.dataset import image_token_count
 from epic.eval.provenance import recorded_settings
 from epic.eval.runner import CompressionSettings, EvalItem, generate_answers
@@ -36,6 +37,7 @@ def run_grid(
     restart: bool = False,
 ) -> list[GridRow]:
     """Score every (method, budget); a budget equal to the image's token count is evaluated once, uncompressed.
+    A method compresses at `layer`, or at K when written `name@K` (`divprune@0`: before the LLM).
 
     Each pair keeps its own predictions file (and its settings) in `out_dir`, so an interrupted grid resumes where it
     stopped and a grid of another model or data refuses to reuse them (`restart` discards them instead).
@@ -49,8 +51,9 @@ def run_grid(
         )
         rows.append(GridRow("none", full, TASKS[task](items, predictions), recorded_settings(path)))
     for method in methods:
+        name, method_layer = method_spec(method, layer)
         for tokens in (budget for budget in budgets if budget != full):
-            settings = CompressionSettings(method, tokens=tokens, layer=layer)
+            settings = CompressionSettings(name, tokens=tokens, layer=method_layer)
             path = out_dir / f"{method}-{tokens}.jsonl"
             predictions = generate_answers(
                 model, processor, template, items, path, settings, batch_size, max_new_tokens, restart=restart

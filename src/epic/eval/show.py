@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import epic
+from epic.compression.registry import method_spec
 from epic.data.dataset import image_token_count
 from epic.data.encoding import encode_prompt
 from epic.data.images import load_image
@@ -60,7 +61,8 @@ def kept_patches(
     pixel_values = pixel_values.to(next(model.parameters()).dtype)
     with torch.inference_mode():
         for method in methods:
-            with epic.compress(model, method, tokens=tokens, layer=layer) as state:
+            name, method_layer = method_spec(method, layer)
+            with epic.compress(model, name, tokens=tokens, layer=method_layer) as state:
                 output = model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),

@@ -12,6 +12,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from epic.compat import set_attention_implementation, whole_parameters
 from epic.compression import Budget, build_method
+from epic.compression.registry import check_stage
 from epic.data.dataset import LlavaDataset, collate, image_token_count
 from epic.data.shapes import SynthConfig, vocabulary_texts, write_synthetic
 from epic.data.templates import get_template
@@ -91,7 +92,7 @@ def model_shape(args: ModelArguments) -> tuple[int, int]:
 
 def build_curriculum(args: DistillArguments, num_layers: int, image_tokens: int) -> Curriculum:
     """The mode's schedules, every number checked (raises before any compute)."""
-    build_method(args.method, **args.options())
+    check_stage(build_method(args.method, **args.options()), args.layer)
     if args.tokens is not None or args.ratio is not None:
         budget = Budget(tokens=args.tokens, ratio=args.ratio)
         target = 1.0 - budget.resolve(image_tokens) / image_tokens

@@ -20,6 +20,7 @@ class Random:
     """
 
     needs_features = False
+    needs_scores = False  # runs inside the LLM or before it
 
     def select(self, image: ImageSelection) -> torch.Tensor:
         order = torch.randperm(image.positions.numel(), generator=image.generator)

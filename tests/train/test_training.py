@@ -77,6 +77,9 @@ def test_training_starts_with_a_banner_of_what_it_runs(shapes, tmp_path, capsys)
         (["--gap_start", "-0.2"], "teacher must be milder"),
         (["--mode", "lcd", "--lcd_gap_layers_max", "0"], "teacher must be milder"),
         (["--tokens", "65"], "larger than the image"),
+        (["--teacher_method", "nope"], "unknown compression method 'nope'"),
+        (["--mode", "sft", "--teacher_method", "fastv"], "teacher_method is the TCD/LCD teacher's method"),
+        (["--method", "divprune", "--layer", "0", "--teacher_method", "fastv"], "FastV scores with layer K-1's"),
     ],
 )
 def test_bad_options_fail_before_any_compute(overrides, message):
@@ -110,6 +113,24 @@ def test_one_step_changes_only_the_trainable_parts(shapes, tmp_path, mode, extra
     assert not any(name.startswith("model.vision_tower") for name in changed)
     assert any(name.startswith("model.multi_modal_projector") for name in changed)
     assert any(name.startswith("model.language_model.layers.3") for name in changed)
+
+
+def test_the_tcd_teacher_compresses_with_its_own_method(shapes, tmp_path, monkeypatch):
+    """--teacher_method: the student compresses with DART and the teacher, resumed from the student's prefix, with
+    FastV at the schedule's milder budget, every step."""
+    import epic.train.step as step_module
+
+    attached = []
+    real = step_module.compress
+
+    def recording(model, method, **kwargs):
+        attached.append((method, kwargs["record_prefix"]))
+        return real(model, method, **kwargs)
+
+    monkeypatch.setattr(step_module, "compress", recording)
+    argv = tiny_options(shapes, tmp_path, max_steps=2, teacher_method="fastv")
+    run_training(*parse_recipe(None, argv))
+    assert attached == [("dart", True), ("fastv", False)] * 2  # per step: the student (records), then the teacher
 
 
 def test_checkpoint_loads_with_plain_transformers(shapes, tmp_path, caplog):

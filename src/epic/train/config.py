@@ -86,7 +86,13 @@ class DistillArguments:
     mode: str = field(default="sft", metadata={"help": f"one of {MODES}"})
     method: str = field(default="dart", metadata={"help": "a registered compression method"})
     method_options: str = field(default="{}", metadata={"help": "the method's options as JSON"})
-    layer: int = field(default=2, metadata={"help": "K: the compression layer (the end layer of LCD)"})
+    teacher_method: str | None = field(
+        default=None, metadata={"help": "TCD's teacher compresses with this method (default: the student's method)"}
+    )
+    teacher_method_options: str = field(default="{}", metadata={"help": "the teacher method's options as JSON"})
+    layer: int = field(
+        default=2, metadata={"help": "K: the compression layer (0: before the LLM; the end layer of LCD)"}
+    )
     tokens: int | None = field(
         default=None, metadata={"help": "target kept visual tokens per image (sft: fixed compression)"}
     )
@@ -136,13 +142,15 @@ class DistillArguments:
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"help": "comma-separated"}
     )
 
-    def options(self) -> dict[str, Any]:
+    def options(self, text: str | None = None) -> dict[str, Any]:
+        """The student method's options (or those JSON-encoded in `text`) as a dict."""
+        text = self.method_options if text is None else text
         try:
-            options = json.loads(self.method_options)
+            options = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"method_options is not JSON: {self.method_options!r} ({error})") from error
+            raise ValueError(f"method options are not JSON: {text!r} ({error})") from error
         if not isinstance(options, dict):
-            raise ValueError(f"method_options must be a JSON object, got {self.method_options!r}")
+            raise ValueError(f"method options must be a JSON object, got {text!r}")
         return options
 
     def loss_weights(self) -> KDWeights:
@@ -233,8 +241,9 @@ def parse_recipe(
     bad value is a `ValueError` naming it, a missing recipe a `FileNotFoundError`."""
     parser = OptionParser()
     options = read_recipe(recipe) if recipe is not None else {}
-    if isinstance(options.get("method_options"), dict):
-        options["method_options"] = json.dumps(options["method_options"])
+    for key in ("method_options", "teacher_method_options"):
+        if isinstance(options.get(key), dict):
+            options[key] = json.dumps(options[key])
     argv = _as_argv(options) + list(overrides or [])
     model_args, data_args, distill_args, training_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True

@@ -24,13 +24,15 @@ from epic.train.step import Compressor, Part, StepContext, StepOutput, removed_o
 
 @dataclass(frozen=True)
 class ConsistencyStep:
-    """The consistency step at weight `alpha` and temperature `temperature`; alpha = 0 runs no teacher pass."""
+    """The consistency step at weight `alpha` and temperature `temperature`; alpha = 0 runs no teacher pass.
+    The teacher compresses with `teacher_compressor` (None: the student's method)."""
 
     kind: ClassVar[StepKind] = "consistency"
     counts_images: ClassVar[bool] = False
     compressor: Compressor
     alpha: float
     temperature: float = 1.0
+    teacher_compressor: Compressor | None = None
 
     def __call__(self, model: nn.Module, inputs: dict[str, torch.Tensor], context: StepContext) -> StepOutput:
         """Vision once; the student pass (gradients, stronger compression, prefix recorded); the teacher resumed
@@ -81,7 +83,8 @@ class ConsistencyStep:
         llava, plan = context.llava, context.plan
         teacher = None
         if plan.teacher_compresses:
-            teacher = self.compressor.attach(llava, plan.teacher_ratio, plan.teacher_layer, context.seed)
+            compressor = self.teacher_compressor or self.compressor
+            teacher = compressor.attach(llava, plan.teacher_ratio, plan.teacher_layer, context.seed)
         try:
             if student is None:
                 return llava(**forward, logits_to_keep=wanted).logits

@@ -93,6 +93,10 @@ def model_shape(args: ModelArguments) -> tuple[int, int]:
 def build_curriculum(args: DistillArguments, num_layers: int, image_tokens: int) -> Curriculum:
     """The mode's schedules, every number checked (raises before any compute)."""
     check_stage(build_method(args.method, **args.options()), args.layer)
+    if args.teacher_method is not None:
+        if training_mode(args.mode).step != "consistency":
+            raise ValueError(f"teacher_method is the TCD/LCD teacher's method; mode {args.mode!r} has no such teacher")
+        check_stage(build_method(args.teacher_method, **args.options(args.teacher_method_options)), args.layer)
     if args.tokens is not None or args.ratio is not None:
         budget = Budget(tokens=args.tokens, ratio=args.ratio)
         target = 1.0 - budget.resolve(image_tokens) / image_tokens
@@ -156,7 +160,10 @@ def build_step(
     if kind == "sft":
         return SftStep(compressor)
     if kind == "consistency":
-        return ConsistencyStep(compressor, args.kd_alpha, args.temperature)
+        teacher = None
+        if args.teacher_method is not None:
+            teacher = Compressor(args.teacher_method, args.options(args.teacher_method_options))
+        return ConsistencyStep(compressor, args.kd_alpha, args.temperature, teacher)
     teacher = load_teacher(model_args.teacher, model_args.teacher_dtype, model_args.attn_implementation, device)
     return KDStep(teacher, args.loss_weights(), vocab_size, compressor)
 

@@ -83,13 +83,20 @@ def conversation_ids(tiny, answer: str, template: str = "vicuna_v1") -> tuple[li
 
 
 @pytest.mark.parametrize(
-    ("method", "template"), [("dart", "vicuna_v1"), ("none", "vicuna_v1"), ("fastv", "chatml"), ("dart", "tokenizer")]
+    ("method", "template", "layer"),
+    [
+        ("dart", "vicuna_v1", 2),
+        ("none", "vicuna_v1", 2),
+        ("fastv", "chatml", 2),
+        ("dart", "tokenizer", 2),
+        ("divprune", "vicuna_v1", 0),  # before the LLM: every layer's cache is short
+    ],
 )
-def test_second_turn_prefills_only_the_new_text_on_the_same_cache(tiny, method, template):
+def test_second_turn_prefills_only_the_new_text_on_the_same_cache(tiny, method, template, layer):
     _, model, processor = tiny
     forwards = Forwards(model)
     try:
-        with session(tiny, template, method=method) as chat:
+        with session(tiny, template, method=method, layer=layer) as chat:
             first = chat.ask(QUESTIONS[0])
             turn_one = len(forwards.ids)
             lengths_before = chat.cache_lengths()
@@ -110,8 +117,8 @@ def test_second_turn_prefills_only_the_new_text_on_the_same_cache(tiny, method, 
     # dropped visual tokens stay dropped: layers >= K hold the shorter cache, turn after turn
     dropped = SPEC.image_tokens - (SPEC.image_tokens if method == "none" else 9)
     grown = len(forwards.ids) - turn_one - 1 + len(whole) - cached
-    for layer, (before, after) in enumerate(zip(lengths_before, lengths_after, strict=True)):
-        assert before == (cached if layer < 2 else cached - dropped)
+    for index, (before, after) in enumerate(zip(lengths_before, lengths_after, strict=True)):
+        assert before == (cached if index < layer else cached - dropped)
         assert after == before + grown
     assert first.cost.kept == SPEC.image_tokens - dropped and first.cost.total == SPEC.image_tokens
     per_position = 2 * SPEC.num_kv_heads * (SPEC.hidden_size // SPEC.num_heads) * 4  # K and V, float32, per layer
@@ -124,7 +131,7 @@ def test_second_turn_prefills_only_the_new_text_on_the_same_cache(tiny, method, 
     }
     if kept is None:
         kept = torch.arange(SPEC.image_tokens) + prompt.index(processor.image_token_id)
-    reference = reference_logits(model, batch, [kept], layer=2)
+    reference = reference_logits(model, batch, [kept], layer=layer)
     torch.testing.assert_close(forwards.logits[turn_one], reference[0, -1], atol=1e-4, rtol=0)
     assert not model._forward_pre_hooks and not model._forward_hooks  # closing the session detached everything
 
@@ -243,7 +250,7 @@ def test_commands_change_settings_and_start_over(tiny):
         ("/tokens 65", "budget of 65 visual tokens is larger than the image (64 visual tokens)"),
         ("/tokens many", "/tokens takes a whole number"),
         ("/tokens", "/tokens needs a value"),
-        ("/method magic", "unknown method 'magic'; choose one of dart, fastv, random, none"),
+        ("/method magic", "unknown method 'magic'; choose one of dart, dart_pre, divprune, fastv, random, none"),
         ("/image missing.png", "image file not found: missing.png"),
         ("/image {folder}/notes.png", "notes.png is not an image in a format Pillow can read"),
         ("/frobnicate", "unknown command '/frobnicate'"),
@@ -275,7 +282,7 @@ def test_bad_session_inputs(tiny, tmp_path):
         session(tiny, method="none", tokens=100)
     with pytest.raises(ChatError, match="tokens must be a non-negative integer, got -1"):
         session(tiny, tokens=-1)
-    with pytest.raises(ChatError, match=r"layer must be an integer in \[1, 3\]"):
+    with pytest.raises(ChatError, match=r"layer must be an integer in \[0, 3\]"):
         session(tiny, layer=4)
     assert not model._forward_pre_hooks and not model._forward_hooks  # the engine's trial left nothing attached
     with pytest.raises(ChatError, match="empty question"):

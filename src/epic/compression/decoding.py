@@ -47,14 +47,15 @@ class CacheRecord:
         """The plan of one decoding step of `query_length` new tokens, and the record extended by them.
 
         Args:
-            step_mask: [B, kv + q] the step's 2D attention mask in original coordinates (what `generate` passes).
+            step_mask: [B, kv + q] the step's 2D attention mask (what `generate` passes); only its last q columns, the
+                new tokens', are read, so a mask as wide as the compressed cache (layer 0's, when K = 0) serves too.
             position_ids: [1 or B, q] the new tokens' positions. `layer` is K, whose cache is checked.
         Returns None when the prefill had no image (layers >= K hold the full cache).
         """
         self.decoded += query_length
         if self.attention_mask is None:
             return None
-        new_mask = step_mask[:, self.original_length :].bool()[:, -query_length:]
+        new_mask = step_mask[:, -query_length:].bool()
         step_positions = position_ids.expand(new_mask.shape[0], -1)
         plan = decode_plan(self.attention_mask, self.slot_positions, new_mask, step_positions)
         cached = cache_length(cache, layer)

@@ -31,7 +31,8 @@ def compress(
         method: a registered method name (see `epic.compression.METHODS`) or a method instance.
         tokens: exact number of visual tokens kept per image; or
         ratio: fraction dropped, meaning `tokens = round(N * (1 - ratio))` for an image of N tokens.
-        layer: K, the first decoder layer that sees the compressed sequence (1 <= K < num_layers).
+        layer: K, the first decoder layer that sees the compressed sequence (0 <= K < num_layers; 0: before the LLM,
+            for methods that need no layer K-1 attention).
         seed: seeds the generator of methods that draw at random.
         profile: synchronise the GPU around scoring so `scoring_seconds` is exact.
         record_prefix: keep what enters layer K in `.prefix`, so `run_suffix` can run the layers from K again under

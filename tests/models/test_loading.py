@@ -94,3 +94,12 @@ def test_pickled_weights_are_refused_in_one_line(saved, tmp_path):
     ) as error:
         load_llava_model(pickled)
     one_line_error(error)
+    # training loads its model and its KD teacher through the same loader
+    from epic.train.config import ModelArguments
+    from epic.train.run import build_model
+    from epic.train.teacher import load_teacher
+
+    with pytest.raises(ValueError, match="epic loads no pickled weights"):
+        build_model(ModelArguments(model=str(pickled)))
+    with pytest.raises(ValueError, match="epic loads no pickled weights"):
+        load_teacher(str(pickled), "float32", "sdpa", torch.device("cpu"))

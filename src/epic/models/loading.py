@@ -61,7 +61,7 @@ def load_llava_model(path: str | Path, **model_options: Any) -> Any:
     from transformers import LlavaForConditionalGeneration
 
     folder = llava_folder(path)
-    if not any(Path(folder).glob("*.safetensors")):
+    if Path(folder).is_dir() and not any(Path(folder).glob("*.safetensors")):  # a hub id: use_safetensors refuses
         raise ValueError(
             f"{folder}: no *.safetensors weights; epic loads no pickled weights (re-save with save_pretrained)"
         )

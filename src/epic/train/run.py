@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, TrainingArguments, set_seed
+from transformers import AutoConfig, AutoProcessor, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from epic.compat import set_attention_implementation, whole_parameters
@@ -28,6 +28,7 @@ from epic.distill import (
 from epic.distill.modes import StepKind
 from epic.models.assemble import ADDITIONAL_TOKENS, assemble_llava, visual_tokens
 from epic.models.factory import build_tiny_llava_with_processor, save_llava, saved_template
+from epic.models.loading import load_llava_model
 from epic.models.tiny import TinyLlavaSpec
 from epic.train.config import SCHEDULES, DataArguments, DistillArguments, ModelArguments
 from epic.train.consistency import ConsistencyStep
@@ -60,7 +61,7 @@ def build_model(args: ModelArguments):
             )
         return model, processor, args.template or "vicuna_v1"
     if args.model:
-        model = LlavaForConditionalGeneration.from_pretrained(args.model, attn_implementation=args.attn_implementation)
+        model = load_llava_model(args.model, attn_implementation=args.attn_implementation).train()  # safetensors only
         processor = AutoProcessor.from_pretrained(args.model)
         return model, processor, args.template or saved_template(Path(args.model))
     if args.vision_tower and args.language_model:

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration
 
 from epic.compat import whole_parameters
 from epic.data.dataset import image_token_count
+from epic.models.loading import load_llava_model
 
 TEACHER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -92,7 +92,7 @@ def check_teacher(student: nn.Module, student_processor: Any, teacher_config: An
 def load_teacher(checkpoint: str, dtype_name: str, attn_implementation: str, device: torch.device) -> nn.Module:
     """The teacher: loaded once, whole (never partitioned by ZeRO-3), frozen, in eval mode, on `device`."""
     with whole_parameters():
-        teacher = LlavaForConditionalGeneration.from_pretrained(
+        teacher = load_llava_model(  # safetensors only
             checkpoint, dtype=teacher_dtype(dtype_name, device), attn_implementation=attn_implementation
         )
     return teacher.to(device).eval().requires_grad_(False)

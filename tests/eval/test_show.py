@@ -53,11 +53,10 @@ def test_kept_patches_and_picture(tmp_path):
 def test_show_command_writes_a_png(tmp_path, capsys):
     Image.new("RGB", (64, 64), (20, 200, 30)).save(tmp_path / "in.png")
     out = tmp_path / "kept.png"
-    assert (
-        main(["show", str(tmp_path / "in.png"), "--tokens", "12", "--methods", "dart,fastv,random", "--out", str(out)])
-        == 0
-    )
+    methods = ["--methods", "dart,fastv,divprune@0"]
+    assert main(["show", str(tmp_path / "in.png"), "--tokens", "12", *methods, "--out", str(out)]) == 0
     assert Image.open(out).size == (PANEL * 4, QUESTION + TITLE + PANEL)
     printed = capsys.readouterr().out
+    assert "visual tokens from layer 2 (divprune@0 at their own)" in printed.splitlines()[0]
     assert "question: What is in the image?" in printed
-    assert all(f"{method:<10} kept 12 of 196: '" in printed for method in ("dart", "fastv", "random"))
+    assert all(f"{method:<10} kept 12 of 196: '" in printed for method in ("dart", "fastv", "divprune@0"))

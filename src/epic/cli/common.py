@@ -60,6 +60,12 @@ def method_list(text: str, layer: int) -> list[str]:
     return methods
 
 
+def layer_words(methods: list[str], layer: int) -> str:
+    """'layer K' for a header, noting the entries of `methods` that carry their own `@K`."""
+    own = [method for method in methods if "@" in method]
+    return f"layer {layer}" + (f" ({', '.join(own)} at their own)" if own else "")
+
+
 def compression_of(method: str, tokens: int | None, ratio: float | None, layer: int, image_tokens: int):
     """The compression a command runs and its words for the header; `method` 'none' keeps every token, and without
     --tokens or --ratio a method keeps N/9 of the image's tokens."""

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from epic.cli.common import budget_list, compression_of, existing, method_list, one_of
+from epic.cli.common import budget_list, compression_of, existing, layer_words, method_list, one_of
 from epic.models.loading import llava_folder, load_llava, load_llava_model
 
 
@@ -72,7 +72,7 @@ def evaluate_grid(args: argparse.Namespace, model, processor, template, items, i
     out = Path(args.out)
     print(
         f"epic eval: {args.model} | {', '.join(methods)} at {args.tokens} of {image_tokens} visual tokens from "
-        f"layer {args.layer} | {rows} | into {out}"
+        f"{layer_words(methods, args.layer)} | {rows} | into {out}"
     )
     grid = run_grid(
         model,
@@ -122,7 +122,8 @@ def show(args: argparse.Namespace) -> int:
     tokens = default_tokens(image_tokens) if args.tokens is None else args.tokens
     methods = method_list(args.methods, args.layer)
     name = args.model or "a tiny random model"
-    print(f"epic show: {name} | {', '.join(methods)}, {tokens} of {image_tokens} visual tokens from layer {args.layer}")
+    where = layer_words(methods, args.layer)
+    print(f"epic show: {name} | {', '.join(methods)}, {tokens} of {image_tokens} visual tokens from {where}")
     image, results = kept_patches(model, processor, template, image, args.question, methods, tokens, args.layer)
     draw_kept(image, results, args.question).save(args.out)
     print(f"question: {args.question}")
@@ -167,8 +168,8 @@ def bench(args: argparse.Namespace) -> int:
     where = f"{settings['device']} {settings['dtype']} {settings['attn']}, {threads} thread{'s' * (threads > 1)}"
     print(
         f"epic bench: {name} | {where} | batch {settings['batch']}, {settings['prompt_tokens']} tokens of which "
-        f"{settings['visual_tokens']} visual | {','.join(methods)} at {','.join(map(str, budgets))} from layer "
-        f"{args.layer} | {args.repeats} repeats"
+        f"{settings['visual_tokens']} visual | {','.join(methods)} at {','.join(map(str, budgets))} from "
+        f"{layer_words(methods, args.layer)} | {args.repeats} repeats"
     )
     rows = run_bench(model, inputs, methods, budgets, args.layer, args.repeats, args.new_tokens)
     out = Path(args.out)

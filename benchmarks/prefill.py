@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 
 import epic
-from epic.compression.registry import method_spec, needs_scores, registered_methods
+from epic.compression.registry import method_spec, method_stages
 from epic.eval.bench import synthetic_prompt, timed_prefill
 from epic.eval.cost import DecoderShape, prefill_macs
 from epic.models.presets import PRESETS
@@ -43,14 +43,6 @@ def measure(model, inputs, method: str, tokens: int, layer: int, repeats: int) -
         "compressed_s": statistics.median(compressed),
         "scoring_share": scoring / sum(compressed),
     }
-
-
-def every_method_and_stage(layer: int) -> str:
-    """Every registered method at `layer`, and at 0 (before the LLM) where it needs no layer K-1 scores."""
-    entries = []
-    for name, cls in sorted(registered_methods().items()):
-        entries += [name] + ([f"{name}@0"] if not needs_scores(cls) and layer != 0 else [])
-    return ",".join(entries)
 
 
 def main() -> None:
@@ -85,7 +77,7 @@ def main() -> None:
         f"{spec.image_tokens} visual + {args.text_tokens} text tokens, batch {args.batch}, K={args.layer}, "
         f"{args.dtype}, {args.attn}, {device_name}, torch threads {torch.get_num_threads()}"
     )
-    methods = (args.methods or every_method_and_stage(args.layer)).split(",")
+    methods = args.methods.split(",") if args.methods else method_stages(args.layer)
     width = max(8, *(len(method) for method in methods))
     print(
         f"{'method':<{width}} {'K':>2} {'kept':>5} {'FLOPs':>7} {'time':>7} {'ideal x':>8} {'measured x':>10} "

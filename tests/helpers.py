@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from epic.compat import attention_implementation, set_attention_implementation
-from epic.compression.registry import needs_scores, registered_methods
+from epic.compression import registry
 from epic.models.tiny import TinyLlavaSpec
 
 PAD_ID = 0
@@ -17,11 +17,8 @@ BOS_ID = 1
 def method_stages(exclude: tuple[str, ...] = ()) -> list[tuple[str, int]]:
     """(method, layer) for every registered method: at layer 2 (inside the LLM) and, for a method that needs no
     layer K-1 scores, at layer 0 (before the LLM) too."""
-    stages = []
-    for name, cls in sorted(registered_methods().items()):
-        if name not in exclude:
-            stages += [(name, 2)] + ([(name, 0)] if not needs_scores(cls) else [])
-    return stages
+    stages = [registry.method_spec(entry, 2) for entry in registry.method_stages(2)]
+    return [(name, layer) for name, layer in stages if name not in exclude]
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,15 @@ def method_spec(spec: str, layer: int) -> tuple[str, int]:
     return name, int(where)
 
 
+def method_stages(layer: int) -> list[str]:
+    """Every registered method as a method list entry at `layer` and, where it needs no layer K-1 scores, also
+    before the LLM (`name@0`)."""
+    entries = []
+    for name, cls in sorted(registered_methods().items()):
+        entries += [name] + ([f"{name}@0"] if not needs_scores(cls) and layer != 0 else [])
+    return entries
+
+
 def registered_methods() -> dict[str, type]:
     """`METHODS` with the built-ins imported (and so registered)."""
     importlib.import_module(BUILTIN_PACKAGE)

@@ -22,8 +22,7 @@ class DartPre(Dart):
     is our extension to the stage serving engines can run, documented in docs/compression.md.
     """
 
-    needs_features = True
-    raw_features = True
+    raw_features = True  # Dart's `needs_features`, read as they are
     needs_scores = False
 
     def select(self, image: ImageSelection) -> torch.Tensor:

@@ -69,42 +69,43 @@ def make_batch(
 def reference_logits(
     model,
     batch: dict[str, torch.Tensor],
-    kept: list[torch.Tensor],
-    layer: int,
+    kept: list[torch.Tensor] | list[tuple[int, list[torch.Tensor]]],
+    layer: int | None = None,
     window: int | None = None,
     windowed_layers: set[int] | None = None,
 ) -> torch.Tensor:
     """Stock model, eager attention, with dropped visual tokens masked out of attention from `layer` on.
 
     Independent of the engine: the sequence keeps its full length; only the keys of dropped visual tokens become
-    invisible to every query of layers >= `layer`. `window` adds a sliding window over original positions to the
-    layers in `windowed_layers` (all of them by default).
+    invisible to every query of layers >= `layer`. Several stages: `kept` is a list of (layer, kept per row), each
+    stage's mask from its layer on. `window` adds a sliding window over original positions to the layers in
+    `windowed_layers` (all of them by default).
     """
+    stages = [(layer, kept)] if layer is not None else kept
     input_ids, valid = batch["input_ids"], batch["attention_mask"].bool()
-    visible = valid & (input_ids != model.config.image_token_id)
-    for row, positions in enumerate(kept):
-        visible[row, positions] = True
     length = input_ids.shape[1]
     query, key = torch.arange(length)[:, None], torch.arange(length)[None, :]
 
-    def additive_mask(allowed_positions: torch.Tensor) -> torch.Tensor:
+    def additive_mask(allowed_positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         allowed = allowed_positions[None] & visible[:, None, :]  # [B, q, k]
         allowed |= torch.eye(length, dtype=torch.bool)[None]  # keep every row non-empty (padding queries)
         return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)[:, None]
-
-    causal = additive_mask(key <= query)
-    windowed = causal if window is None else additive_mask((key <= query) & (query - key < window))
 
     def swap_mask(mask: torch.Tensor):
         return lambda module, args, kwargs: (args, {**kwargs, "attention_mask": mask})
 
     layers = model.model.language_model.layers
-    handles = [
-        layers[i].register_forward_pre_hook(
-            swap_mask(windowed if windowed_layers is None or i in windowed_layers else causal), with_kwargs=True
-        )
-        for i in range(layer, len(layers))
-    ]
+    handles = []
+    for stage, (start, stage_kept) in enumerate(stages):
+        visible = valid & (input_ids != model.config.image_token_id)
+        for row, positions in enumerate(stage_kept):
+            visible[row, positions] = True
+        causal = additive_mask(key <= query, visible)
+        windowed = causal if window is None else additive_mask((key <= query) & (query - key < window), visible)
+        end = stages[stage + 1][0] if stage + 1 < len(stages) else len(layers)
+        for i in range(start, end):
+            mask = windowed if windowed_layers is None or i in windowed_layers else causal
+            handles.append(layers[i].register_forward_pre_hook(swap_mask(mask), with_kwargs=True))
     text_config = model.config.text_config
     implementation = attention_implementation(text_config)
     try:
@@ -115,6 +116,11 @@ def reference_logits(
         set_attention_implementation(text_config, implementation)
         for handle in handles:
             handle.remove()
+
+
+def staged_kept(state) -> list[tuple[int, list[torch.Tensor]]]:
+    """(layer, kept per row) of every stage of a compression after a forward: `reference_logits`'s `kept`."""
+    return [(stage.layer, kept) for stage, kept in zip(state.stages, state.stage_kept, strict=True)]
 
 
 def at_slots(

@@ -295,6 +295,16 @@ def attention_function(name: str, eager: Callable) -> Callable:
     return ALL_ATTENTION_FUNCTIONS.get_interface(name, eager)
 
 
+def run_attention_of(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple, **kwargs: Any) -> None:
+    """Run decoder `layer`'s attention on `hidden_states` (what enters the layer) after its input norm, without a
+    cache or a mask: a scoring pass whose output is discarded (the layer's `input_layernorm` and `self_attn` are
+    the names every supported family uses)."""
+    norm, attention = getattr(layer, "input_layernorm", None), getattr(layer, "self_attn", None)
+    if norm is None or attention is None:
+        raise IncompatibleTransformers(f"{type(layer).__name__} has no `input_layernorm` and `self_attn`")
+    attention(hidden_states=norm(hidden_states), position_embeddings=position_embeddings, attention_mask=None, **kwargs)
+
+
 def eager_attention_of(module: nn.Module) -> Callable:
     """The eager attention function of `module`'s model family (Llama's when the family has none of its own)."""
     from transformers.models.llama.modeling_llama import eager_attention_forward

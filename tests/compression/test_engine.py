@@ -7,7 +7,7 @@ import torch
 
 import epic
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
-from tests.helpers import Row, at_slots, make_batch, method_stages, reference_logits
+from tests.helpers import Row, at_slots, make_batch, method_stages, reference_logits, staged_kept
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 ATTENTION = ["sdpa", "eager"]
@@ -40,8 +40,8 @@ def test_pruned_forward_matches_masked_reference(family, attention, padding_side
     batch = make_batch(SPEC, [Row(), Row(before=11, after=3, answer=6), Row(images=2, answer=1)], padding_side)
     with torch.no_grad(), epic.compress(model, method, tokens=9, layer=layer) as state:
         out = model(**batch)
-    assert [kept.numel() for kept in state.kept] == [9, 9, 18]
-    reference = reference_logits(model, batch, state.kept, layer)
+    assert [kept.numel() for kept in state.stage_kept[0]] == [9, 9, 18]
+    reference = reference_logits(model, batch, staged_kept(state))
     real, expected = at_slots(reference, state.original_positions, batch["attention_mask"])
     torch.testing.assert_close(out.logits[real], expected[real], atol=1e-4, rtol=0)
     # the loss is the CE over the kept sequence, which equals the CE over the reference's supervised positions

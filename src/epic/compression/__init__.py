@@ -16,6 +16,8 @@ from typing import Any
 
 _EXPORTS = {  # public name -> the module that defines it
     "Budget": "budget",
+    "Stage": "stages",
+    "parse_stages": "stages",
     "default_tokens": "budget",
     "Compression": "engine",
     "compress": "api",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -9,6 +10,9 @@ from torch import nn
 from epic.compression.budget import Budget
 from epic.compression.engine import Compression
 from epic.compression.registry import CompressionMethod
+from epic.compression.stages import Stage, parse_stages
+
+DEFAULT_LAYER = 2  # the paper's K (the released EPIC training script's PRUNED_LAYER)
 
 
 def compress(
@@ -17,7 +21,8 @@ def compress(
     *,
     tokens: int | None = None,
     ratio: float | None = None,
-    layer: int = 2,
+    layer: int | None = None,
+    stages: Sequence[Stage] | str | None = None,
     seed: int = 0,
     profile: bool = False,
     record_prefix: bool = False,
@@ -32,7 +37,10 @@ def compress(
         tokens: exact number of visual tokens kept per image; or
         ratio: fraction dropped, meaning `tokens = round(N * (1 - ratio))` for an image of N tokens.
         layer: K, the first decoder layer that sees the compressed sequence (0 <= K < num_layers; 0: before the LLM,
-            for methods that need no layer K-1 attention).
+            for methods that need no layer K-1 attention); default 2.
+        stages: instead of `layer` and one budget, several pruning stages at increasing layers, each selecting from
+            what the one before kept: `[Stage(2, Budget(tokens=192)), Stage(15, Budget(tokens=64))]` or
+            `"2:192,15:64"` (layer:tokens, or layer:dropped ratio as `"2:0.667,15:0.889"`).
         seed: seeds the generator of methods that draw at random.
         profile: synchronise the GPU around scoring so `scoring_seconds` is exact.
         record_prefix: keep what enters layer K in `.prefix`, so `run_suffix` can run the layers from K again under
@@ -44,11 +52,16 @@ def compress(
 
     Returns a `Compression` handle: a context manager, or call `.remove()` to detach it.
     """
+    if stages is not None:
+        if layer is not None or tokens is not None or ratio is not None:
+            raise ValueError("give either stages= or layer= with tokens=/ratio=, not both")
+        stages = parse_stages(stages) if isinstance(stages, str) else list(stages)
+    else:
+        stages = [Stage(DEFAULT_LAYER if layer is None else layer, Budget(tokens=tokens, ratio=ratio))]
     return Compression(
         model,
         method,
-        budget=Budget(tokens=tokens, ratio=ratio),
-        layer=layer,
+        stages=stages,
         seed=seed,
         profile=profile,
         options=options,

@@ -26,6 +26,7 @@ class BatchLayout:
     prompt_last: torch.Tensor  # [B] index of the last prompt token
     text_positions: list[torch.Tensor]  # per row: the prompt's text positions [t]
     tokens_per_image: int  # n, the same for every image of the batch
+    slots: torch.Tensor | None = None  # [B, L] False at an earlier stage's filler slots (None: input coordinates)
 
 
 def last_true(mask: torch.Tensor) -> torch.Tensor:

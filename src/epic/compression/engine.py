@@ -1,7 +1,9 @@
 """Attach visual-token compression to a stock transformers LLaVA model, from outside: the hooks and their life cycle.
 
 Layers 0..K-1 see every token; layers K..L-1 see the text tokens plus the kept visual tokens (K = 0: before the
-LLM, every decoder layer sees the compressed sequence and there is no layer K-1 to score). Nothing of the
+LLM, every decoder layer sees the compressed sequence and there is no layer K-1 to score). With several stages
+(K_1 < K_2 < ...), stage s's layers see what it kept from what stage s-1 kept: each later stage scores, selects
+and gathers in the slot coordinates of the earlier one's sequence, the same steps as below. Nothing of the
 modeling code is copied. A forward meets the hooks in this order:
 
 1. the model's forward pre-hook reads the batch (`batch.read_layout`: images per row, where each prompt ends,
@@ -22,13 +24,15 @@ handle's state, who sets it (->) and who reads it (<-):
 
     _forward        -> model pre-hook, run_suffix; cleared by the model hook and at the end of run_suffix
                     <- scoring capture (writes .scores), layer K (writes .plan, .kept), LM-head pre-hook
-    _plans          -> layer K, first run of a forward       <- every layer >= K (checkpoint recomputation too)
+    _plans          -> each stage's layer, first run of a forward (one plan per stage)
+                    <- every layer >= K (checkpoint recomputation too)
     _cache_record   -> model hook after a prefill; layer K when decoding (extends it)
                     <- model pre-hook (is this our cache?), layer K when decoding
     _mlp_rows       -> the last layer's pre-hook (its plan's logit_slots)   <- the last layer's MLP hooks
     _paused         -> paused()                              <- every hook (a paused handle does nothing)
     prefix          -> model pre-hook (clears), layer K (records)          <- the caller, for run_suffix
-    kept, original_positions -> _publish (model hook, run_suffix), model pre-hook without images <- the caller
+    kept, stage_kept, original_positions -> _publish (model hook, run_suffix), model pre-hook without images
+                    <- the caller
     tokens_per_image -> model pre-hook; scoring_seconds -> the capture and the selection  <- the caller
 """
 
@@ -37,8 +41,8 @@ from __future__ import annotations
 import inspect
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -46,14 +50,32 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
-from epic.compat import Layout, cache_length, check_mask_fits_cache, language_model_of
+from epic.compat import Layout, cache_length, check_mask_fits_cache, language_model_of, run_attention_of
 from epic.compression.attention import ScoringRoute
-from epic.compression.batch import read_prefill
-from epic.compression.budget import Budget, configured_image_tokens
+from epic.compression.batch import BatchLayout, read_prefill
+from epic.compression.budget import configured_image_tokens
 from epic.compression.decoding import CacheRecord, check_decoding
 from epic.compression.forward import ForwardState
-from epic.compression.planning import Plan, attention_types, build_masks, gather_plan, score_prompt, select_kept
-from epic.compression.registry import CompressionMethod, check_stage, method_features, resolve_method
+from epic.compression.planning import (
+    Plan,
+    attention_types,
+    build_masks,
+    gather_plan,
+    next_stage_plan,
+    score_prompt,
+    select_kept,
+    slot_layout,
+)
+from epic.compression.registry import (
+    CompressionMethod,
+    check_stage,
+    method_features,
+    needs_scores,
+    resolve_method,
+    scheduled_stages,
+    scores_own_layer,
+)
+from epic.compression.stages import Stage, check_stages, stage_budgets
 from epic.compression.suffix import Prefix, run_layers
 from epic.compression.trimming import last_mlp_of, mlp_at_rows
 
@@ -62,11 +84,13 @@ class Compression:
     """A live compression attached to a model; use as a context manager or call `remove()`.
 
     Attributes (after a forward with images):
-        kept: per row, the input positions of the visual tokens kept past `layer` (sorted LongTensor).
+        kept: per row, the input positions of the visual tokens kept past the last stage (sorted LongTensor).
+        stage_kept: per stage, per row, the input positions that stage kept (`stage_kept[-1]` is `kept`).
         original_positions: [B, L'] input position of each slot of the compressed sequence (-1 at filler).
         tokens_per_image: visual tokens per image seen in the last forward.
         scoring_seconds: wall time spent scoring and selecting (synchronised on GPU when `profile=True`).
         prefix: what entered `layer` in the last forward with images (with `record_prefix=True`), for `run_suffix`.
+        stages: the stages (layer, budget) it prunes at; `layer` and `budget` are the first stage's.
     """
 
     def __init__(
@@ -74,8 +98,7 @@ class Compression:
         model: nn.Module,
         method: str | CompressionMethod,
         *,
-        budget: Budget,
-        layer: int,
+        stages: Sequence[Stage],
         seed: int = 0,
         profile: bool = False,
         options: dict[str, Any] | None = None,
@@ -87,19 +110,21 @@ class Compression:
         self.layout = Layout.of(model)  # the installed transformers' names, resolved once (an unknown one fails here)
         self.text_config = model.config.text_config
         layers = self.language_model.layers
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
-            raise ValueError(
-                f"compression layer must be an integer in [0, {len(layers) - 1}] (0: before the LLM) for a model "
-                f"with {len(layers)} decoder layers; got {layer!r}"
-            )
         self.method = resolve_method(method, options)
-        check_stage(self.method, layer)
-        self.budget = budget
-        self.layer = layer
+        stages = scheduled_stages(self.method, check_stages(stages, len(layers)), len(layers))
+        self.stages = check_stages(stages, len(layers))
+        for stage in self.stages:
+            check_stage(self.method, stage.layer)
+        self.layer, self.budget = self.stages[0].layer, self.stages[0].budget
+        self._stage_layers = [stage.layer for stage in self.stages]
+        self._stage_of_layer = {  # decoder layer index -> the stage whose plan it runs under
+            index: sum(index >= start for start in self._stage_layers) - 1 for index in range(self.layer, len(layers))
+        }
         self.profile = profile
         self.image_token_id = model.config.image_token_id
         self.generator = torch.Generator().manual_seed(seed)
         self.kept: list[torch.Tensor] | None = None
+        self.stage_kept: list[list[torch.Tensor]] | None = None
         self.original_positions: torch.Tensor | None = None
         self.tokens_per_image: int | None = None
         self.scoring_seconds = 0.0
@@ -124,15 +149,20 @@ class Compression:
 
         configured = configured_image_tokens(model.config)
         if configured is not None:  # fail at attach time when the config already tells the budget cannot fit
-            budget.resolve(configured)
+            stage_budgets(self.stages, configured)
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model, with_kwargs=True))
         self._handles.append(model.get_output_embeddings().register_forward_pre_hook(self._before_lm_head))
-        self._scoring = ScoringRoute(layers[layer - 1].self_attn) if layer > 0 else None  # before the LLM: no scores
-        if self._scoring is not None:
-            scoring_hook = layers[layer - 1].register_forward_pre_hook(self._before_scoring_layer, with_kwargs=True)
-            self._handles.append(scoring_hook)
-        for index in range(layer, len(layers)):
+        self._own_scores = scores_own_layer(self.method)
+        self._scoring: dict[int, ScoringRoute] = {}  # stage -> the attention module it scores with
+        for stage, start in enumerate(self._stage_layers):
+            if self._own_scores:  # the stage's own layer, run once more on what enters it (PyramidDrop)
+                self._scoring[stage] = ScoringRoute(layers[start].self_attn)
+            elif start > 0 and (stage == 0 or needs_scores(self.method)):  # stage 0's scores also serve a teacher
+                self._scoring[stage] = ScoringRoute(layers[start - 1].self_attn)
+                hook = self._scoring_pre_hook(stage)  # before the layer hooks: it keys on the stock rotary tensor
+                self._handles.append(layers[start - 1].register_forward_pre_hook(hook, with_kwargs=True))
+        for index in range(self.layer, len(layers)):
             hook = self._layer_pre_hook(index)
             self._handles.append(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         if trim_last_layer:
@@ -144,8 +174,9 @@ class Compression:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._scoring is not None:
-            self._scoring.restore()
+        for route in reversed(self._scoring.values()):
+            route.restore()
+        self._scoring.clear()
         self._plans = WeakIdKeyDictionary()
         self._forward = None
         self._cache_record = None
@@ -205,8 +236,9 @@ class Compression:
         self.scoring_seconds += time.perf_counter() - start
 
     def _publish(self, forward: ForwardState) -> None:
-        """Expose what a planned forward kept: `original_positions` of its slots and `kept` per row."""
-        self.original_positions, self.kept = forward.published()
+        """Expose what a planned forward kept: `original_positions` of its slots, `stage_kept` and `kept` per row."""
+        self.original_positions, self.stage_kept = forward.published()
+        self.kept = self.stage_kept[-1]
 
     # ----------------------------------------------------------------------------------------- model hooks
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -235,13 +267,14 @@ class Compression:
         if not (input_ids == self.image_token_id).any():
             batch_size, length = input_ids.shape
             self.kept = [torch.empty(0, dtype=torch.long) for _ in range(batch_size)]
+            self.stage_kept = [self.kept for _ in self.stages]
             self.original_positions = torch.arange(length, device=input_ids.device).expand(batch_size, -1)
             self._cache_record = None
             self._forward = ForwardState()
             return (), inputs
         layout, labels, logits_mask = read_prefill(inputs, self.image_token_id)
         self.tokens_per_image = layout.tokens_per_image
-        self.budget.resolve(layout.tokens_per_image)
+        stage_budgets(self.stages, layout.tokens_per_image)
         loss_kwargs = {key: inputs[key] for key in ("num_items_in_batch",) if key in inputs}
         self._forward = ForwardState(layout=layout, labels=labels, loss_kwargs=loss_kwargs, logits_mask=logits_mask)
         return (), inputs
@@ -263,7 +296,9 @@ class Compression:
         self._publish(forward)
         if cache is not None:
             length = forward.layout.image_mask.shape[1]
-            self._cache_record = CacheRecord(weakref.ref(cache), plan.attention_mask, plan.slot_positions, length)
+            masks = [stage_plan.attention_mask for stage_plan in forward.plans]
+            positions = [stage_plan.slot_positions for stage_plan in forward.plans]
+            self._cache_record = CacheRecord(weakref.ref(cache), masks, positions, length)
         if forward.labels is None:
             return output
         return forward.with_loss(module, output, self.text_config.vocab_size)
@@ -276,25 +311,39 @@ class Compression:
         return (args[0][forward.plan.logit_slots],)
 
     # ----------------------------------------------------------------------------------------- layer hooks
-    def _before_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self._paused:
-            return None
-        forward = self._forward
-        rotary = kwargs["position_embeddings"][0]
-        capture = None
-        if forward is not None and forward.layout is not None and rotary not in self._plans:
-            capture = self._capture_for(forward)
-        kwargs = {**kwargs, "epic_scoring": self._scoring.call(capture)}
-        return args, kwargs
+    def _scoring_pre_hook(self, stage: int) -> Callable:
+        """The pre-hook of layer K_s - 1: route its attention through a capture while stage `stage` is unplanned."""
 
-    def _capture_for(self, forward: ForwardState) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], None]:
-        layout = forward.layout
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if self._paused:
+                return None
+            forward = self._forward
+            plans = self._plans.get(kwargs["position_embeddings"][0], [])
+            capture = None
+            if forward is not None and forward.layout is not None and len(plans) <= stage:
+                capture = self._capture_for(forward, stage)
+            return args, {**kwargs, "epic_scoring": self._scoring[stage].call(capture)}
+
+        return hook
+
+    def _capture_for(
+        self, forward: ForwardState, stage: int, timed: bool = True
+    ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], None]:
+        """A capture scoring the prompt for stage `stage` (in the slot coordinates of the stage before). A checkpointed
+        layer recomputed in backward may call it again once the stage is planned: it then does nothing."""
 
         def capture(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
-            with torch.no_grad(), self._timed():
+            if len(forward.plans) != stage:
+                return
+            with torch.no_grad(), self._timed() if timed else nullcontext():
+                layout = self._stage_layout(forward)
                 forward.scores = score_prompt(query, key, module.scaling, layout.prompt_last, layout.attention_mask)
 
         return capture
+
+    def _stage_layout(self, forward: ForwardState) -> BatchLayout:
+        """The layout the next stage selects in: the input's, or the last planned stage's slot coordinates."""
+        return forward.layout if forward.plan is None else slot_layout(forward.layout, forward.plan)
 
     def _layer_pre_hook(self, index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -320,28 +369,25 @@ class Compression:
                 f"decoding a compressed KV cache, but decoder layer {index} received no cache: its attention mask "
                 "would not match the cache"
             )
+        stage = self._stage_of_layer[index]
         rotary = kwargs["position_embeddings"][0]
-        plan = self._plans.get(rotary)
-        if plan is None:
+        plans = self._plans.get(rotary)
+        if plans is None or len(plans) <= stage:
             if forward is None:
                 raise RuntimeError(
                     "a decoder layer ran under epic.compress outside a forward of the LLaVA model it is attached "
                     "to; call that model (not its inner language model)"
                 )
-            if index == self.layer:
-                if self.record_prefix and forward.layout is not None:
-                    without_cache = self.layout.without_cache(kwargs)
-                    self.prefix = Prefix(hidden_states.detach(), without_cache, forward.layout, forward.scores)
-                plan = self._new_plan(forward, hidden_states, kwargs, cache)
-            if plan is None:  # a forward without images (or decoding after one): nothing was compressed
+            plans = self._new_plans(stage, index, forward, hidden_states, kwargs, cache)
+            if plans is None:  # a forward without images (or decoding after one): nothing was compressed
                 if cache is not None:
                     check_mask_fits_cache(kwargs.get("attention_mask"), cache, hidden_states.shape[1], index)
                 return None
-            self._plans[rotary] = plan
-        if plan.gather_index is not None and index == self.layer:
-            hidden_states = hidden_states.gather(
-                1, plan.gather_index[..., None].expand(-1, -1, hidden_states.shape[-1])
-            )
+            self._plans[rotary] = plans
+        plan = plans[stage]
+        if plan.gather_index is not None and index == self._stage_layers[stage]:
+            index_into = plan.gather_index if plan.step_index is None else plan.step_index
+            hidden_states = hidden_states.gather(1, index_into[..., None].expand(-1, -1, hidden_states.shape[-1]))
         if last_layer and self.trim_last_layer:
             self._mlp_rows = plan.logit_slots  # None without a boolean logits_to_keep, and when decoding
         kwargs = {**kwargs, "attention_mask": plan.masks[self._layer_types[index]]}
@@ -352,43 +398,78 @@ class Compression:
             kwargs["position_embeddings"] = plan.position_embeddings
         return (hidden_states, *args), kwargs
 
-    def _new_plan(self, forward: ForwardState, hidden_states: torch.Tensor, kwargs: dict, cache: Any) -> Plan | None:
-        """The plan of this forward, made when it reaches layer K; None when it compresses nothing."""
+    def _new_plans(
+        self, stage: int, index: int, forward: ForwardState, hidden_states: torch.Tensor, kwargs: dict, cache: Any
+    ) -> list[Plan] | None:
+        """Every stage's plan so far once this forward reaches stage `stage`'s layer (a decoding step plans all of
+        its stages at the first); None when it compresses nothing."""
         if forward.decoding:
+            if stage > 0:  # the first stage made every stage's step plan, unless the prefill had no image
+                return None
             query_length = hidden_states.shape[1]
-            plan = self._cache_record.step_plan(
-                forward.decode_mask, kwargs["position_ids"], query_length, cache, self.layer
+            plans = self._cache_record.step_plans(
+                forward.decode_mask, kwargs["position_ids"], query_length, cache, self._stage_layers
             )
-            if plan is not None:
-                self._build_masks(plan, query_length, hidden_states, cache)
-            return plan
+            for step, step_plan in enumerate(plans or []):
+                self._build_masks(step_plan, step, query_length, hidden_states, cache)
+            return plans
         if forward.layout is None:
             return None
-        if forward.scores is None and self.layer > 0:
-            raise RuntimeError(f"layer {self.layer - 1} was not scored before layer {self.layer}")
+        if index != self._stage_layers[stage] or len(forward.plans) != stage:
+            raise RuntimeError(f"stage {stage} of the compression was not planned at layer {self._stage_layers[stage]}")
+        if stage == 0 and self.record_prefix:
+            without_cache = self.layout.without_cache(kwargs)
+            self.prefix = Prefix(hidden_states.detach(), without_cache, forward.layout, forward.scores)
+        previous = forward.plan
+        layout = self._stage_layout(forward)
+        if self._own_scores:
+            position_embeddings = kwargs["position_embeddings"] if previous is None else previous.position_embeddings
+            self._score_own_layer(stage, index, forward, hidden_states, position_embeddings)
+        elif stage in self._scoring and forward.scores is None:
+            raise RuntimeError(f"layer {index - 1} was not scored before layer {index}")
         with torch.no_grad(), self._timed():
             features = method_features(self.method, hidden_states, self.language_model.norm)
-            keep, forward.kept = select_kept(
-                self.method, self.budget, forward.layout, forward.scores, features, self.generator, hidden_states.device
+            keep, kept = select_kept(
+                self.method,
+                self.stages[stage].budget,
+                layout,
+                forward.scores,
+                features,
+                self.generator,
+                hidden_states.device,
             )
-        plan = gather_plan(
-            keep,
-            forward.layout.attention_mask,
-            kwargs["position_ids"],
-            kwargs["position_embeddings"],
-            forward.logits_mask,
-        )
-        self._build_masks(plan, plan.gather_index.shape[1], hidden_states, cache)
-        forward.plan = plan
-        return plan
+        forward.scores = None  # consumed: a later stage scores again
+        if previous is None:
+            plan = gather_plan(
+                keep, layout.attention_mask, kwargs["position_ids"], kwargs["position_embeddings"], forward.logits_mask
+            )
+        else:  # `kept` are slots of the previous stage's sequence: report them as input positions
+            sources = previous.gather_index.cpu()
+            kept = [[sources[row][slots] for slots in row_kept] for row, row_kept in enumerate(kept)]
+            plan = next_stage_plan(previous, keep)
+        self._build_masks(plan, stage, plan.gather_index.shape[1], hidden_states, cache)
+        forward.plans.append(plan)
+        forward.stage_kept.append(kept)
+        return list(forward.plans)
 
-    def _build_masks(self, plan: Plan, query_length: int, like: torch.Tensor, cache: Any) -> None:
+    def _score_own_layer(
+        self, stage: int, index: int, forward: ForwardState, hidden_states: torch.Tensor, position_embeddings: tuple
+    ) -> None:
+        """Scores from layer `index`'s own attention over what enters it (before this stage drops anything)."""
+        layer = self.language_model.layers[index]
+        with torch.no_grad(), self._timed():
+            call = self._scoring[stage].call(self._capture_for(forward, stage, timed=False), attend=False)
+            run_attention_of(layer, hidden_states, position_embeddings, epic_scoring=call)
+
+    def _build_masks(self, plan: Plan, stage: int, query_length: int, like: torch.Tensor, cache: Any) -> None:
+        following = self._stage_layers[stage + 1 : stage + 2]
         build_masks(
             plan,
             layout=self.layout,
             text_config=self.text_config,
             layer_types=self._layer_types,
-            first_layer=self.layer,
+            first_layer=self._stage_layers[stage],
+            last_layer=following[0] if following else len(self._layer_types),
             query_length=query_length,
             cache=cache,
             like=like,

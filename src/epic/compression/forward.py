@@ -23,19 +23,33 @@ class ForwardState:
     loss_kwargs: dict[str, Any] = field(default_factory=dict)
     logits_mask: torch.Tensor | None = None  # [B, L] bool: positions whose logits are wanted (original coordinates)
     decode_mask: torch.Tensor | None = None  # [B, kv + q] the 2D mask of a decoding step; None unless decoding
-    scores: Scores | None = None  # from layer K-1
-    kept: list[list[torch.Tensor]] = field(default_factory=list)  # per row, per image: kept positions
-    plan: Plan | None = None
+    scores: Scores | None = None  # for the stage about to plan (from layer K-1, or its own layer's attention)
+    stage_kept: list[list[list[torch.Tensor]]] = field(default_factory=list)  # per stage, row, image: kept positions
+    plans: list[Plan] = field(default_factory=list)  # per stage planned so far
 
     @property
     def decoding(self) -> bool:
         return self.decode_mask is not None
 
-    def published(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(original_positions [B, L'] with -1 at filler, kept positions per row, sorted) of a planned forward."""
+    @property
+    def plan(self) -> Plan | None:
+        """The last stage's plan so far (the one the LM head and the loss read), or None before the first."""
+        return self.plans[-1] if self.plans else None
+
+    @property
+    def kept(self) -> list[list[torch.Tensor]]:
+        """Per row, per image: the input positions the last stage so far kept."""
+        return self.stage_kept[-1] if self.stage_kept else []
+
+    def published(self) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """(original_positions [B, L'] with -1 at filler, per stage the kept positions per row, sorted) of a
+        planned forward."""
         plan = self.plan
         original_positions = torch.where(plan.valid, plan.gather_index, -1)
-        kept = [torch.cat(row).sort().values if row else torch.empty(0, dtype=torch.long) for row in self.kept]
+        kept = [
+            [torch.cat(row).sort().values if row else torch.empty(0, dtype=torch.long) for row in stage]
+            for stage in self.stage_kept
+        ]
         return original_positions, kept
 
     def with_loss(self, model: nn.Module, output: Any, vocab_size: int) -> Any:

@@ -31,6 +31,7 @@ class Plan:
     """How one forward runs from layer K on: which positions survive and the per-layer inputs."""
 
     gather_index: torch.Tensor | None  # [B, L'] input position of each slot (None when decoding)
+    step_index: torch.Tensor | None = None  # [B, L'] the earlier stage's slot each slot takes (None: gather_index)
     valid: torch.Tensor | None  # [B, L'] False at filler slots (None when decoding)
     attention_mask: torch.Tensor  # [B, kv'] 2D mask over every cache slot of the compressed layers
     slot_positions: torch.Tensor  # [B, kv'] original position of every cache slot (for sliding windows)
@@ -78,10 +79,13 @@ def select_kept(
 
     The last prompt token is never dropped (it may be an image token when a row ends with its image): it counts
     toward its image's budget. `scores` are None before the LLM (layer 0). `features` are [B, L, d] (or None when
-    the method does not need them); the selection runs on `device` (the hidden states').
+    the method does not need them); the selection runs on `device` (the hidden states'). The budget counts tokens
+    of the original image (`layout.tokens_per_image`), also at a later stage, whose layout is in slot coordinates.
     Returns the [B, L] bool mask of surviving positions and, per row and image, the kept positions (on the CPU).
     """
     keep = ~layout.image_mask.to(device)
+    if layout.slots is not None:
+        keep &= layout.slots.to(device)
     kept, expected = [], []
     for row, images in enumerate(layout.images):
         last = layout.prompt_last[row]
@@ -90,7 +94,7 @@ def select_kept(
             positions = positions.to(device)
             forced = positions[positions == last]
             candidates = positions[positions != last]
-            share = max(budget.resolve(positions.numel()) - forced.numel(), 0)
+            share = max(budget.resolve(layout.tokens_per_image) - forced.numel(), 0)
             chosen = method.select(
                 ImageSelection(
                     positions=candidates,
@@ -159,6 +163,41 @@ def gather_plan(
     )
 
 
+def next_stage_plan(previous: Plan, keep: torch.Tensor) -> Plan:
+    """A later stage's plan: `keep` ([B, L'] bool, in `previous`'s slot coordinates) gathered from `previous`'s
+    sequence. Its `gather_index` is composed into input positions; `step_index` gathers from `previous`'s slots."""
+    plan = gather_plan(
+        keep, previous.attention_mask, previous.position_ids, previous.position_embeddings, previous.logit_slots
+    )
+    plan.step_index, plan.gather_index = plan.gather_index, previous.gather_index.gather(1, plan.gather_index)
+    return plan
+
+
+def slot_layout(layout: BatchLayout, plan: Plan) -> BatchLayout:
+    """`layout` in the slot coordinates of `plan`'s compressed sequence, for the stage that selects from it: each
+    image holds its kept slots, the prompt's last token and text are found by their input positions."""
+    index, valid = plan.gather_index, plan.valid  # [B, L'] input position of each slot, False at filler
+    image_mask = layout.image_mask.to(index.device).gather(1, index) & valid
+    images, text_positions, prompt_last = [], [], []
+    for row, row_images in enumerate(layout.images):
+
+        def slots_of(positions: torch.Tensor, row: int = row) -> torch.Tensor:  # [L'] bool: the slots holding them
+            return torch.isin(index[row], positions.to(index.device)) & valid[row]
+
+        images.append([slots_of(positions).nonzero().squeeze(1) for positions in row_images])
+        text_positions.append(slots_of(layout.text_positions[row]).nonzero().squeeze(1))
+        prompt_last.append(slots_of(layout.prompt_last[row : row + 1]).int().argmax())
+    return BatchLayout(
+        attention_mask=plan.attention_mask,
+        image_mask=image_mask,
+        images=images,
+        prompt_last=torch.stack(prompt_last),
+        text_positions=text_positions,
+        tokens_per_image=layout.tokens_per_image,
+        slots=valid,
+    )
+
+
 def decode_plan(
     cache_mask: torch.Tensor, cache_positions: torch.Tensor, step_mask: torch.Tensor, step_positions: torch.Tensor
 ) -> Plan:
@@ -191,11 +230,12 @@ def build_masks(
     text_config: Any,
     layer_types: list[str],
     first_layer: int,
+    last_layer: int,
     query_length: int,
     cache: Any,
     like: torch.Tensor,
 ) -> None:
-    """Fill `plan.masks`: one mask per attention type of the layers from `first_layer` on, built before any of them
+    """Fill `plan.masks`: one mask per attention type of layers [`first_layer`, `last_layer`), built before any of them
     writes to the cache, each sized against the first layer of its type.
 
     Sliding windows count original positions (the kept tokens keep their RoPE gaps), not slots of the shorter
@@ -203,7 +243,7 @@ def build_masks(
     """
     implementation = attention_implementation(text_config)
     shape_like = like.new_empty(plan.attention_mask.shape[0], query_length, 0)
-    for kind in dict.fromkeys(layer_types[first_layer:]):
+    for kind in dict.fromkeys(layer_types[first_layer:last_layer]):
         layer_index = layer_types.index(kind, first_layer)
         window = getattr(text_config, "sliding_window", None) if kind == "sliding_attention" else None
         positions = plan.slot_positions

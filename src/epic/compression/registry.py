@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from epic.compression.selection import ImageSelection
+    from epic.compression.stages import Stage
 
 BUILTIN_PACKAGE = "epic.compression.methods"
 
@@ -31,6 +32,11 @@ class CompressionMethod(Protocol):
             LLM: the projected visual features and the text embeddings);
         needs_scores (optional, default True): layer K-1's attention row and key norms; a method without them can
             also run before the LLM (`layer=0`).
+        scores_at (optional, default "previous"): "own" scores with the compression layer's own attention over what
+            enters it (one more run of that layer's attention projections, PyramidDrop's ranking) instead of layer
+            K-1's; it can then run at layer 0 too.
+    A method may also define `schedule(stages, num_layers) -> list[Stage]`: the stages it prunes at when given
+    one (PyramidDrop's pyramid); given several, they are used as they are.
     """
 
     needs_features: bool
@@ -62,10 +68,23 @@ def needs_scores(method: CompressionMethod) -> bool:
     return getattr(method, "needs_scores", True)
 
 
+def scores_own_layer(method: CompressionMethod) -> bool:
+    """Whether `method` scores with its compression layer's own attention (see `CompressionMethod.scores_at`)."""
+    return getattr(method, "scores_at", "previous") == "own"
+
+
+def scheduled_stages(method: CompressionMethod, stages: list[Stage], num_layers: int) -> list[Stage]:
+    """The stages `method` prunes at: its own `schedule` from a single stage, else `stages` as given."""
+    schedule = getattr(method, "schedule", None)
+    return schedule(stages, num_layers) if schedule is not None and len(stages) == 1 else stages
+
+
 def check_stage(method: CompressionMethod, layer: int) -> None:
     """Refuse, in one line, a method that scores with layer K-1's attention asked to run before the LLM."""
-    if layer == 0 and needs_scores(method):
-        before = sorted(name for name, cls in registered_methods().items() if not needs_scores(cls))
+    if layer == 0 and needs_scores(method) and not scores_own_layer(method):
+        before = sorted(
+            name for name, cls in registered_methods().items() if not needs_scores(cls) or scores_own_layer(cls)
+        )
         raise ValueError(
             f"compression method {type(method).__name__} scores with layer K-1's attention, so it cannot run before "
             f"the LLM (layer=0); use layer >= 1, or a method that runs before the LLM: {before}"

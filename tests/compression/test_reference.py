@@ -1,5 +1,5 @@
-"""The kept sets of DART, FastV and DivPrune against transcriptions of the released selection code, on the same
-tensors.
+"""The kept sets of DART, FastV, DivPrune and PyramidDrop against transcriptions of the released selection code, on
+the same tensors.
 
 The transcriptions below follow the released functions line by line (batch of one, one image, the image span given
 by its start and length, everything after the span is query text). They differ only where docs/compression.md says
@@ -7,11 +7,15 @@ we differ on purpose, each marked `# deliberate:` at the line:
 - budgets are exact: DART's released per-pivot share is `MAX_NUM_TRUNCTION // (pivots)`, so the configurations here
   use budgets where that division is exact;
 - pivot order: the released DART visits its pivots in a Python set's iteration order (a hashing artefact); ours
-  visits visual pivots, then text pivots, each by decreasing key norm.
+  visits visual pivots, then text pivots, each by decreasing key norm;
+- positions: after a drop the released PyramidDrop renumbers the kept sequence 0..L'-1; ours keeps each token's
+  original RoPE position (as every method in the engine), so a later stage's ranking sees the original positions.
 The engine runs batched with left padding; each row's reference runs on that row alone, unpadded.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -229,3 +233,90 @@ def test_divprune_before_the_llm_keeps_what_the_released_selection_keeps(keep):
         visual = input_embeddings(model, alone)[0, start : start + SPEC.image_tokens]
         expected = released_divprune_selection(visual, SPEC.image_tokens, keep / SPEC.image_tokens)
         assert (state.kept[row] - offset).tolist() == (expected + start).sort().values.tolist()
+
+
+def released_pdrop_ranking(
+    layer, rotary, hidden: torch.Tensor, positions: torch.Tensor, start: int, length: int, keep: int
+) -> torch.Tensor:
+    """A transcription of the ranking in `pdrop_rank_drop` (Cooperx521/PyramidDrop,
+    llava/model/modeling_llama_pdrop.py, commit 6444f304aee4b7edcb022839fb9e8cd07859704a), inference branch: layer
+    K's own attention over what enters it, from the last instruction token.
+
+    Args:
+        layer: decoder layer K (the rank layer); rotary: the model's rotary embedding.
+        hidden: [1, L, d] what enters layer K; positions: [1, L] their RoPE positions.
+        start, length: the image's span in `hidden`; keep: tokens to keep.
+    """
+    self_attn = layer.self_attn
+    hidden_states = layer.input_layernorm(hidden)
+    bsz, q_len, _ = hidden_states.size()
+    head_dim = self_attn.head_dim
+    query_states = self_attn.q_proj(hidden_states).view(bsz, q_len, -1, head_dim).transpose(1, 2)
+    key_states = self_attn.k_proj(hidden_states).view(bsz, q_len, -1, head_dim).transpose(1, 2)
+    cos, sin = rotary(hidden_states, positions)  # deliberate: original positions (released: 0..L'-1 after a drop)
+    query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+    key_states = repeat_kv(key_states, self_attn.num_key_value_groups)  # LLaVA-1.5 has as many kv heads as heads
+    causal = torch.full((q_len, q_len), torch.finfo(torch.float32).min).triu(1)
+    last = q_len - 1  # prompt_total_len - 1: the whole input is the prompt at inference
+    text_query_states = query_states[0][:, last, :].unsqueeze(1)
+    attn_weights = torch.matmul(text_query_states, key_states[0].transpose(1, 2)) / math.sqrt(head_dim)
+    attn_weights = attn_weights + causal[last]
+    attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query_states.dtype)
+    attention_avg_head = torch.mean(attn_weights, dim=0)
+    attention_avg_head = attention_avg_head[:, start : start + length]
+    attention_avg_text = torch.mean(attention_avg_head, dim=0)
+    top_rank_index = attention_avg_text.topk(keep).indices
+    return (top_rank_index + start).sort().values
+
+
+def stage_inputs(model, batch: dict[str, torch.Tensor], layers: list[int], **compression) -> dict[int, torch.Tensor]:
+    """What enters each of `layers` in a forward under `compression` (before that layer's own stage drops)."""
+    seen = {}
+
+    def grab(index):
+        def hook(module, args, kwargs):
+            seen[index] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        return hook
+
+    decoder = model.model.language_model.layers
+    handles = [decoder[index].register_forward_pre_hook(grab(index), with_kwargs=True) for index in layers]
+    try:  # registered before the compression's hooks, so they see the sequence before the gather
+        with torch.no_grad(), epic.compress(model, "pdrop", **compression):
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+@pytest.mark.parametrize("keep", [8, 12, 32])
+def test_pdrop_keeps_at_every_stage_what_the_released_ranking_keeps(layer, keep):
+    """The default pyramid (λ = 0.5, as many as three stages): at each stage, the engine's batched, left-padded kept
+    set equals the released ranking on what enters that stage's layer for the row alone."""
+    model = build_tiny_llava()
+    batch = make_batch(SPEC, ROWS, "left", labels=False, seed=layer * keep)
+    with torch.no_grad(), epic.compress(model, "pdrop", tokens=keep, layer=layer) as state:
+        model(**with_positions(batch))
+    stages = state.stages
+    assert len(stages) == min(3, 4 - layer)
+    rotary = model.model.language_model.rotary_emb
+    for row in range(len(ROWS)):
+        alone, offset = one_row(batch, row)
+        inputs = stage_inputs(model, alone, [stage.layer for stage in stages], tokens=keep, layer=layer)
+        visual = alone["input_ids"][0] == SPEC.image_token_id
+        previous = visual.nonzero().squeeze(1)
+        for stage, kept in zip(stages, state.stage_kept, strict=True):
+            positions = (~visual).nonzero().squeeze(1).tolist() + previous.tolist()
+            positions = torch.tensor(sorted(positions))  # the slots entering this stage: text and the kept so far
+            start = int(torch.isin(positions, previous).nonzero()[0])
+            decoder_layer = model.model.language_model.layers[stage.layer]
+            with torch.no_grad():
+                slots = released_pdrop_ranking(
+                    decoder_layer, rotary, inputs[stage.layer], positions[None], start, previous.numel(),
+                    stage.budget.tokens,
+                )  # fmt: skip
+            expected = positions[slots]
+            assert (kept[row] - offset).tolist() == expected.tolist(), (row, stage)
+            previous = expected

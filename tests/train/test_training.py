@@ -99,6 +99,7 @@ def flat_parameters(model) -> dict[str, torch.Tensor]:
         ("sft", ["--tokens", "7"]),
         ("tcd", []),
         ("tcd", ["--method", "divprune", "--layer", "0"]),  # before the LLM
+        ("tcd", ["--method", "pdrop"]),  # a student pruning in stages (layers 2 and 3 of 4)
         ("lcd", []),
         ("tcd+lcd", []),
     ],

@@ -32,6 +32,7 @@ from epic.models.tiny import build_tiny_llava
 
 
 def measure(model, inputs, method: str, tokens: int, layer: int, repeats: int) -> dict[str, float]:
+    """Median full and compressed prefill seconds, the scoring share, and the stages the method pruned at."""
     full, compressed, scoring = [], [], 0.0
     for _ in range(repeats):
         full.append(timed_prefill(model, inputs)[0])
@@ -39,6 +40,7 @@ def measure(model, inputs, method: str, tokens: int, layer: int, repeats: int) -
             compressed.append(timed_prefill(model, inputs)[0])
         scoring += state.scoring_seconds
     return {
+        "stages": state.stages,
         "full_s": statistics.median(full),
         "compressed_s": statistics.median(compressed),
         "scoring_share": scoring / sum(compressed),
@@ -87,9 +89,10 @@ def main() -> None:
     for method in methods:
         name, layer = method_spec(method, args.layer)
         for tokens in (int(b) for b in args.budgets.split(",")):
-            kept_length = length - spec.image_tokens + tokens
-            flops_ratio = prefill_macs(shape, length, kept_length, layer) / prefill_macs(shape, length)
             timing = measure(model, inputs, name, tokens, layer, args.repeats)
+            image = spec.image_tokens
+            kept = [(stage.layer, length - image + stage.budget.resolve(image)) for stage in timing.pop("stages")]
+            flops_ratio = prefill_macs(shape, length, stages=kept) / prefill_macs(shape, length)
             time_ratio = timing["compressed_s"] / timing["full_s"]
             efficiency = flops_ratio / time_ratio  # measured speedup / ideal speedup
             row = {
@@ -99,6 +102,7 @@ def main() -> None:
                 "flops_ratio": flops_ratio,
                 "time_ratio": time_ratio,
                 "efficiency": efficiency,
+                "stages": kept,  # (layer, sequence length from there on)
                 **timing,
             }
             results.append(row)

@@ -68,3 +68,21 @@ def test_measured_cache_equals_formula():
     assert measured_cache_bytes(full) == 2 * kv_cache_bytes(shape, length, bytes_per_value=4)
     kept_length = length - SPEC.image_tokens + 10
     assert measured_cache_bytes(compressed) == 2 * kv_cache_bytes(shape, length, kept_length, 2, bytes_per_value=4)
+
+
+def test_staged_formulas_match_the_flop_counter_and_the_cache():
+    """Two stages (12 tokens from layer 1, 5 of them from layer 3): each layer group counted at its own length."""
+    model = build_tiny_llava(SPEC, attn_implementation="eager")
+    batch = make_batch(SPEC, [Row()], labels=False)
+    length = batch["input_ids"].shape[1]
+    shape = DecoderShape.from_config(model.config)
+    stages = [(1, length - SPEC.image_tokens + 12), (3, length - SPEC.image_tokens + 5)]
+    expected = 2 * prefill_macs(shape, length, stages=stages)
+    assert expected == 2 * (
+        layer_macs(shape, length) + 2 * layer_macs(shape, stages[0][1]) + layer_macs(shape, stages[1][1])
+    )
+    with epic.compress(model, "fastv", stages="1:12,3:5"):
+        measured = decoder_flops(model, batch)
+        cache = Layout.of(model).output_cache_of(model(**batch, use_cache=True))
+    assert expected <= measured <= expected * 1.01
+    assert measured_cache_bytes(cache) == kv_cache_bytes(shape, length, bytes_per_value=4, stages=stages)

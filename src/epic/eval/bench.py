@@ -194,10 +194,11 @@ def run_bench(
         reference_prefills, reference_rates, _, _ = _measure(model, inputs, new_tokens, repeats)
         base_prefills, base_rates = base_prefills + reference_prefills, base_rates + reference_rates
         name, method_layer = method_spec(method, layer)
-        with epic.compress(model, name, tokens=tokens, layer=method_layer):
+        with epic.compress(model, name, tokens=tokens, layer=method_layer) as state:
             prefills, rates, cache, peak = _measure_until_stable(model, inputs, new_tokens, repeats)
             counted = _counted_flops(model, inputs)
-        measured.append((method, method_layer, tokens, Timing.of(prefills), Timing.of(rates), cache, peak, counted))
+        stages = [(stage.layer, length - visual + stage.budget.resolve(visual)) for stage in state.stages]
+        measured.append((method, stages, tokens, Timing.of(prefills), Timing.of(rates), cache, peak, counted))
     prefill, rate = Timing.of(base_prefills), Timing.of(base_rates)
     base_flops = 2 * prefill_macs(shape, length) * rows
     result = [
@@ -218,9 +219,8 @@ def run_bench(
             peak_memory=base_peak,
         )
     ]
-    for method, method_layer, tokens, prefills, rates, cache, peak, counted in measured:
-        kept_length = length - visual + tokens
-        flops = 2 * prefill_macs(shape, length, kept_length, method_layer) * rows
+    for method, stages, tokens, prefills, rates, cache, peak, counted in measured:
+        flops = 2 * prefill_macs(shape, length, stages=stages) * rows
         result.append(
             BenchRow(
                 method=method,
@@ -235,7 +235,7 @@ def run_bench(
                 flops_ratio=flops / base_flops,
                 flops_counted=counted,
                 cache_measured=cache,
-                cache_formula=rows * kv_cache_bytes(shape, length, kept_length, method_layer, bytes_per_value),
+                cache_formula=rows * kv_cache_bytes(shape, length, bytes_per_value=bytes_per_value, stages=stages),
                 peak_memory=peak,
             )
         )

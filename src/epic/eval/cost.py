@@ -55,21 +55,42 @@ def layer_macs(shape: DecoderShape, tokens: int) -> int:
     return projections + attention + mlp
 
 
-def prefill_macs(shape: DecoderShape, tokens: int, kept_tokens: int | None = None, layer: int = 0) -> int:
-    """Decoder MACs of a prefill over `tokens`, compressed to `kept_tokens` from layer `layer` on."""
-    if kept_tokens is None:
-        return shape.layers * layer_macs(shape, tokens)
-    return layer * layer_macs(shape, tokens) + (shape.layers - layer) * layer_macs(shape, kept_tokens)
+def _per_layer(shape: DecoderShape, tokens: int, stages: list[tuple[int, int]]) -> list[int]:
+    """The sequence length each decoder layer runs over: `tokens` below the first stage, then each stage's
+    (layer, kept length) from its layer on."""
+    lengths = [tokens] * shape.layers
+    for layer, kept in stages:
+        lengths[layer:] = [kept] * (shape.layers - layer)
+    return lengths
+
+
+def prefill_macs(
+    shape: DecoderShape,
+    tokens: int,
+    kept_tokens: int | None = None,
+    layer: int = 0,
+    *,
+    stages: list[tuple[int, int]] | None = None,
+) -> int:
+    """Decoder MACs of a prefill over `tokens`, compressed to `kept_tokens` from layer `layer` on (or, with
+    `stages`, to each stage's kept length from its layer on)."""
+    stages = stages if stages is not None else [] if kept_tokens is None else [(layer, kept_tokens)]
+    return sum(layer_macs(shape, length) for length in _per_layer(shape, tokens, stages))
 
 
 def kv_cache_bytes(
-    shape: DecoderShape, tokens: int, kept_tokens: int | None = None, layer: int = 0, bytes_per_value: int = 2
+    shape: DecoderShape,
+    tokens: int,
+    kept_tokens: int | None = None,
+    layer: int = 0,
+    bytes_per_value: int = 2,
+    *,
+    stages: list[tuple[int, int]] | None = None,
 ) -> int:
     """KV-cache bytes: 2 (K and V) x tokens held per layer x kv_heads x head_dim x bytes, summed over layers."""
     per_token_layer = 2 * shape.kv_heads * shape.head_dim * bytes_per_value
-    if kept_tokens is None:
-        return shape.layers * tokens * per_token_layer
-    return (layer * tokens + (shape.layers - layer) * kept_tokens) * per_token_layer
+    stages = stages if stages is not None else [] if kept_tokens is None else [(layer, kept_tokens)]
+    return sum(_per_layer(shape, tokens, stages)) * per_token_layer
 
 
 def measured_cache_bytes(cache) -> int:

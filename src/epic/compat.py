@@ -295,14 +295,32 @@ def attention_function(name: str, eager: Callable) -> Callable:
     return ALL_ATTENTION_FUNCTIONS.get_interface(name, eager)
 
 
-def run_attention_of(layer: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple, **kwargs: Any) -> None:
-    """Run decoder `layer`'s attention on `hidden_states` (what enters the layer) after its input norm, without a
-    cache or a mask: a scoring pass whose output is discarded (the layer's `input_layernorm` and `self_attn` are
-    the names every supported family uses)."""
+def last_query_and_keys(
+    layer: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple, last: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder `layer`'s post-RoPE query at position `last[b]` of each row ([B, H, hd]) and its keys at every
+    position ([B, kv_heads, L, hd]), computed on `hidden_states` ([B, L, d], what enters the layer) as its attention
+    would: input norm, q/k projections, the family's q/k norms where it has them, its RoPE. A scoring pass that
+    projects one query row and never the values (the names are those every supported family uses)."""
     norm, attention = getattr(layer, "input_layernorm", None), getattr(layer, "self_attn", None)
-    if norm is None or attention is None:
-        raise IncompatibleTransformers(f"{type(layer).__name__} has no `input_layernorm` and `self_attn`")
-    attention(hidden_states=norm(hidden_states), position_embeddings=position_embeddings, attention_mask=None, **kwargs)
+    if norm is None or not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "head_dim")):
+        raise IncompatibleTransformers(f"{type(layer).__name__} has no `input_layernorm` and `self_attn.q_proj/k_proj`")
+    normed = norm(hidden_states)  # [B, L, d]
+    batch_size, length, _ = normed.shape
+    rows = torch.arange(batch_size, device=normed.device)
+    last = last.to(normed.device)
+    query = attention.q_proj(normed[rows, last][:, None]).view(batch_size, 1, -1, attention.head_dim)
+    key = attention.k_proj(normed).view(batch_size, length, -1, attention.head_dim)
+    if hasattr(attention, "q_norm"):  # Qwen3, Gemma3: a norm over each head's vector before RoPE
+        query, key = attention.q_norm(query), attention.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)  # [B, H, 1, hd], [B, kv, L, hd]
+    cos, sin = (part.expand(batch_size, -1, -1) for part in position_embeddings)  # [B, L, hd]
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rotate = getattr(inspect.getmodule(type(attention)), "apply_rotary_pos_emb", apply_rotary_pos_emb)
+    query, _ = rotate(query, query, cos[rows, last][:, None], sin[rows, last][:, None])
+    _, key = rotate(key, key, cos, sin)
+    return query[:, :, 0], key
 
 
 def eager_attention_of(module: nn.Module) -> Callable:

@@ -1,7 +1,6 @@
-"""A registered attention function through which the engine reads the queries and keys of a scoring layer.
+"""A registered attention function through which the engine reads the queries and keys of layer K-1.
 
-Only the scoring layers' attention modules (layer K-1; or layer K itself, for a method ranking with the
-compression layer's own attention) are routed here (through a private copy of its config); the function
+Only layer K-1's attention module is routed here (through a private copy of its config); the function
 hands the post-RoPE queries and keys to a capture callback and then runs the model's own attention
 implementation (eager, sdpa or flash) unchanged, so no L x L attention map is ever built for scoring.
 """
@@ -36,14 +35,11 @@ class ScoringCall:
         config: the model's own text config (names the real attention implementation).
         eager: the model family's eager attention function (used when that implementation is "eager").
         capture: called with (module, query [B, H, L, hd], key [B, kv_heads, L, hd]) or None to skip.
-        attend: False for a scoring-only call: after the capture, return zeros instead of attending (the caller
-            discards the output), so scoring costs the projections only.
     """
 
     config: PreTrainedConfig
     eager: Callable
     capture: Capture | None
-    attend: bool = True
 
 
 def scoring_attention(
@@ -64,8 +60,6 @@ def scoring_attention(
         epic_scoring = module.config._epic_passthrough
     if epic_scoring.capture is not None:
         epic_scoring.capture(module, query, key)
-    if not epic_scoring.attend:
-        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None  # [B, L, H, hd]
     attention = attention_function(attention_implementation(epic_scoring.config), epic_scoring.eager)
     routed_config = module.config
     module.config = epic_scoring.config  # flash attention reads the implementation name from the module
@@ -89,7 +83,7 @@ def routed_config(config: PreTrainedConfig, eager: Callable) -> PreTrainedConfig
 
 
 class ScoringRoute:
-    """A scoring layer's attention module routed through `scoring_attention` while a compression is attached.
+    """Layer K-1's attention module routed through `scoring_attention` while a compression is attached.
 
     The module gets a private copy of its config naming `scoring_attention`; `restore()` puts back what it had
     (another compression may have routed it first, so the real config is read through that route).
@@ -104,9 +98,9 @@ class ScoringRoute:
         self.eager = eager_attention_of(module)
         module.config = routed_config(self.config, self.eager)
 
-    def call(self, capture: Capture | None, attend: bool = True) -> ScoringCall:
+    def call(self, capture: Capture | None) -> ScoringCall:
         """The `epic_scoring` keyword for one forward of the layer: capture its (query, key), or None to skip."""
-        return ScoringCall(self.config, self.eager, capture, attend)
+        return ScoringCall(self.config, self.eager, capture)
 
     def restore(self) -> None:
         self.module.config = self.config_before

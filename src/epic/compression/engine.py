@@ -42,7 +42,7 @@ import inspect
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -50,8 +50,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
-from epic.compat import Layout, cache_length, check_mask_fits_cache, language_model_of, run_attention_of
-from epic.compression.attention import ScoringRoute
+from epic.compat import Layout, cache_length, check_mask_fits_cache, language_model_of, last_query_and_keys
+from epic.compression.attention import Capture, ScoringRoute
 from epic.compression.batch import BatchLayout, read_prefill
 from epic.compression.budget import configured_image_tokens
 from epic.compression.decoding import CacheRecord, check_decoding
@@ -62,6 +62,7 @@ from epic.compression.planning import (
     build_masks,
     gather_plan,
     next_stage_plan,
+    score_last_query,
     score_prompt,
     select_kept,
     slot_layout,
@@ -156,9 +157,9 @@ class Compression:
         self._own_scores = scores_own_layer(self.method)
         self._scoring: dict[int, ScoringRoute] = {}  # stage -> the attention module it scores with
         for stage, start in enumerate(self._stage_layers):
-            if self._own_scores:  # the stage's own layer, run once more on what enters it (PyramidDrop)
-                self._scoring[stage] = ScoringRoute(layers[start].self_attn)
-            elif start > 0 and (stage == 0 or needs_scores(self.method)):  # stage 0's scores also serve a teacher
+            if (
+                start > 0 and not self._own_scores and (stage == 0 or needs_scores(self.method))
+            ):  # stage 0's scores also serve a teacher
                 self._scoring[stage] = ScoringRoute(layers[start - 1].self_attn)
                 hook = self._scoring_pre_hook(stage)  # before the layer hooks: it keys on the stock rotary tensor
                 self._handles.append(layers[start - 1].register_forward_pre_hook(hook, with_kwargs=True))
@@ -326,16 +327,14 @@ class Compression:
 
         return hook
 
-    def _capture_for(
-        self, forward: ForwardState, stage: int, timed: bool = True
-    ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], None]:
+    def _capture_for(self, forward: ForwardState, stage: int) -> Capture:
         """A capture scoring the prompt for stage `stage` (in the slot coordinates of the stage before). A checkpointed
         layer recomputed in backward may call it again once the stage is planned: it then does nothing."""
 
         def capture(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
             if len(forward.plans) != stage:
                 return
-            with torch.no_grad(), self._timed() if timed else nullcontext():
+            with torch.no_grad(), self._timed():
                 layout = self._stage_layout(forward)
                 forward.scores = score_prompt(query, key, module.scaling, layout.prompt_last, layout.attention_mask)
 
@@ -425,7 +424,7 @@ class Compression:
         if self._own_scores:
             position_embeddings = kwargs["position_embeddings"] if previous is None else previous.position_embeddings
             self._score_own_layer(stage, index, forward, hidden_states, position_embeddings)
-        elif stage in self._scoring and forward.scores is None:
+        elif stage in self._scoring and forward.scores is None:  # (an own-layer method scores just above)
             raise RuntimeError(f"layer {index - 1} was not scored before layer {index}")
         with torch.no_grad(), self._timed():
             features = method_features(self.method, hidden_states, self.language_model.norm)
@@ -455,11 +454,14 @@ class Compression:
     def _score_own_layer(
         self, stage: int, index: int, forward: ForwardState, hidden_states: torch.Tensor, position_embeddings: tuple
     ) -> None:
-        """Scores from layer `index`'s own attention over what enters it (before this stage drops anything)."""
+        """Scores from layer `index`'s own attention over what enters it, before this stage drops anything: its
+        keys at every position and its query at the last prompt token only."""
         layer = self.language_model.layers[index]
+        layout = self._stage_layout(forward)
         with torch.no_grad(), self._timed():
-            call = self._scoring[stage].call(self._capture_for(forward, stage, timed=False), attend=False)
-            run_attention_of(layer, hidden_states, position_embeddings, epic_scoring=call)
+            query_last, key = last_query_and_keys(layer, hidden_states, position_embeddings, layout.prompt_last)
+            scaling = layer.self_attn.scaling
+            forward.scores = score_last_query(query_last, key, scaling, layout.prompt_last, layout.attention_mask)
 
     def _build_masks(self, plan: Plan, stage: int, query_length: int, like: torch.Tensor, cache: Any) -> None:
         following = self._stage_layers[stage + 1 : stage + 2]

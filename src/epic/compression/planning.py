@@ -52,16 +52,30 @@ def score_prompt(
         prompt_last: [B] the last prompt position; attention_mask: [B, L] bool, True at real tokens.
     Only one attention row per batch row is computed, never the L x L map.
     """
-    batch_size, heads, length, head_dim = query.shape
-    kv_heads = key.shape[1]
+    batch_size, length = query.shape[0], query.shape[2]
     if key.shape[2] != length:
         raise RuntimeError(f"scoring expects a fresh prefill: {length} queries but {key.shape[2]} keys")
-    last = prompt_last.to(query.device)
     rows = torch.arange(batch_size, device=query.device)
-    query_last = query[rows, :, last].float().view(batch_size, kv_heads, heads // kv_heads, head_dim)
+    query_last = query[rows, :, prompt_last.to(query.device)]  # [B, H, hd]
+    return score_last_query(query_last, key, scaling, prompt_last, attention_mask)
+
+
+def score_last_query(
+    query_last: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    prompt_last: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> Scores:
+    """`score_prompt` from the query of each row's last prompt token alone ([B, H, hd]) and the keys
+    ([B, kv_heads, L, hd])."""
+    batch_size, heads, head_dim = query_last.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    last = prompt_last.to(query_last.device)
+    query_last = query_last.float().view(batch_size, kv_heads, heads // kv_heads, head_dim)
     logits = torch.einsum("bgrd,bgld->bgrl", query_last, key.float()) * scaling  # [B, g, r, L]
-    positions = torch.arange(length, device=query.device)
-    allowed = attention_mask.to(query.device) & (positions[None, :] <= last[:, None])  # [B, L]
+    positions = torch.arange(length, device=query_last.device)
+    allowed = attention_mask.to(query_last.device) & (positions[None, :] <= last[:, None])  # [B, L]
     logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
     return Scores(attention=logits.softmax(dim=-1).mean(dim=(1, 2)), key_norms=key.float().abs().sum(dim=(1, 3)))
 

@@ -123,6 +123,19 @@ def staged_kept(state) -> list[tuple[int, list[torch.Tensor]]]:
     return [(stage.layer, kept) for stage, kept in zip(state.stages, state.stage_kept, strict=True)]
 
 
+def assert_matches_masked_reference(model, batch: dict[str, torch.Tensor], state, out) -> None:
+    """`out` (a compressed forward under `state`, with labels) equals `reference_logits` at every real slot, and its
+    loss, the CE over the kept sequence, equals the CE over the reference's supervised positions."""
+    reference = reference_logits(model, batch, staged_kept(state))
+    real, expected = at_slots(reference, state.original_positions, batch["attention_mask"])
+    torch.testing.assert_close(out.logits[real], expected[real], atol=1e-4, rtol=0)
+    shift_labels = batch["labels"][:, 1:]
+    reference_loss = torch.nn.functional.cross_entropy(
+        reference[:, :-1][shift_labels != -100], shift_labels[shift_labels != -100]
+    )
+    torch.testing.assert_close(out.loss, reference_loss, atol=1e-4, rtol=0)
+
+
 def at_slots(
     reference: torch.Tensor, original_positions: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 
 import epic
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
-from tests.helpers import Row, at_slots, make_batch, method_stages, reference_logits, staged_kept
+from tests.helpers import Row, assert_matches_masked_reference, make_batch, method_stages
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 ATTENTION = ["sdpa", "eager"]
@@ -41,15 +41,7 @@ def test_pruned_forward_matches_masked_reference(family, attention, padding_side
     with torch.no_grad(), epic.compress(model, method, tokens=9, layer=layer) as state:
         out = model(**batch)
     assert [kept.numel() for kept in state.stage_kept[0]] == [9, 9, 18]
-    reference = reference_logits(model, batch, staged_kept(state))
-    real, expected = at_slots(reference, state.original_positions, batch["attention_mask"])
-    torch.testing.assert_close(out.logits[real], expected[real], atol=1e-4, rtol=0)
-    # the loss is the CE over the kept sequence, which equals the CE over the reference's supervised positions
-    shift_labels = batch["labels"][:, 1:]
-    reference_loss = torch.nn.functional.cross_entropy(
-        reference[:, :-1][shift_labels != -100], shift_labels[shift_labels != -100]
-    )
-    torch.testing.assert_close(out.loss, reference_loss, atol=1e-4, rtol=0)
+    assert_matches_masked_reference(model, batch, state, out)
 
 
 def test_sequence_shrinks_and_positions_keep_gaps():

@@ -13,7 +13,7 @@ from epic.compat import Layout, cache_length
 from epic.compression import Budget, Stage, parse_stages
 from epic.compression.methods.pdrop import PDrop
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
-from tests.helpers import Row, at_slots, make_batch, reference_logits, staged_kept
+from tests.helpers import Row, assert_matches_masked_reference, make_batch
 
 SPEC = TinyLlavaSpec()
 STAGED = [  # (method, stages): every method inside the LLM, and a first stage before it where the method can
@@ -83,14 +83,7 @@ def test_each_stage_matches_a_masked_reference_and_selects_from_the_stage_before
         assert all(
             torch.isin(row_later, row_earlier).all() for row_earlier, row_later in zip(earlier, later, strict=True)
         )
-    reference = reference_logits(model, batch, staged_kept(state))
-    real, expected = at_slots(reference, state.original_positions, batch["attention_mask"])
-    torch.testing.assert_close(out.logits[real], expected[real], atol=1e-4, rtol=0)
-    shift_labels = batch["labels"][:, 1:]
-    reference_loss = torch.nn.functional.cross_entropy(
-        reference[:, :-1][shift_labels != -100], shift_labels[shift_labels != -100]
-    )
-    torch.testing.assert_close(out.loss, reference_loss, atol=1e-4, rtol=0)
+    assert_matches_masked_reference(model, batch, state, out)
 
 
 def generate(model, batch):

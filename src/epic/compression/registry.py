@@ -33,7 +33,7 @@ class CompressionMethod(Protocol):
         needs_scores (optional, default True): layer K-1's attention row and key norms; a method without them can
             also run before the LLM (`layer=0`).
         scores_at (optional, default "previous"): "own" scores with the compression layer's own attention over what
-            enters it (one more run of that layer's attention projections, PyramidDrop's ranking) instead of layer
+            enters it (its keys and one query row projected once more: PyramidDrop's ranking) instead of layer
             K-1's; it can then run at layer 0 too.
     A method may also define `schedule(stages, num_layers) -> list[Stage]`: the stages it prunes at when given
     one (PyramidDrop's pyramid); given several, they are used as they are.

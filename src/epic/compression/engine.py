@@ -157,9 +157,8 @@ class Compression:
         self._own_scores = scores_own_layer(self.method)
         self._scoring: dict[int, ScoringRoute] = {}  # stage -> the attention module it scores with
         for stage, start in enumerate(self._stage_layers):
-            if (
-                start > 0 and not self._own_scores and (stage == 0 or needs_scores(self.method))
-            ):  # stage 0's scores also serve a teacher
+            # stage 0's scores also serve a teacher; an own-layer method (PDrop) scores in its stage layer's pre-hook
+            if start > 0 and not self._own_scores and (stage == 0 or needs_scores(self.method)):
                 self._scoring[stage] = ScoringRoute(layers[start - 1].self_attn)
                 hook = self._scoring_pre_hook(stage)  # before the layer hooks: it keys on the stock rotary tensor
                 self._handles.append(layers[start - 1].register_forward_pre_hook(hook, with_kwargs=True))
@@ -341,8 +340,14 @@ class Compression:
         return capture
 
     def _stage_layout(self, forward: ForwardState) -> BatchLayout:
-        """The layout the next stage selects in: the input's, or the last planned stage's slot coordinates."""
-        return forward.layout if forward.plan is None else slot_layout(forward.layout, forward.plan)
+        """The layout the next stage selects in: the input's, or the last planned stage's slot coordinates (made
+        once per stage: its scoring and its selection both read it)."""
+        if forward.plan is None:
+            return forward.layout
+        stage = len(forward.plans)
+        if stage not in forward.layouts:
+            forward.layouts[stage] = slot_layout(forward.layout, forward.plan)
+        return forward.layouts[stage]
 
     def _layer_pre_hook(self, index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -423,8 +428,8 @@ class Compression:
         layout = self._stage_layout(forward)
         if self._own_scores:
             position_embeddings = kwargs["position_embeddings"] if previous is None else previous.position_embeddings
-            self._score_own_layer(stage, index, forward, hidden_states, position_embeddings)
-        elif stage in self._scoring and forward.scores is None:  # (an own-layer method scores just above)
+            self._score_own_layer(index, layout, forward, hidden_states, position_embeddings)
+        elif stage in self._scoring and forward.scores is None:
             raise RuntimeError(f"layer {index - 1} was not scored before layer {index}")
         with torch.no_grad(), self._timed():
             features = method_features(self.method, hidden_states, self.language_model.norm)
@@ -452,12 +457,16 @@ class Compression:
         return list(forward.plans)
 
     def _score_own_layer(
-        self, stage: int, index: int, forward: ForwardState, hidden_states: torch.Tensor, position_embeddings: tuple
+        self,
+        index: int,
+        layout: BatchLayout,
+        forward: ForwardState,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple,
     ) -> None:
-        """Scores from layer `index`'s own attention over what enters it, before this stage drops anything: its
-        keys at every position and its query at the last prompt token only."""
+        """Scores from layer `index`'s own attention over what enters it (laid out as `layout`), before this stage
+        drops anything: its keys at every position and its query at the last prompt token only."""
         layer = self.language_model.layers[index]
-        layout = self._stage_layout(forward)
         with torch.no_grad(), self._timed():
             query_last, key = last_query_and_keys(layer, hidden_states, position_embeddings, layout.prompt_last)
             scaling = layer.self_attn.scaling

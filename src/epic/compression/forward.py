@@ -26,6 +26,7 @@ class ForwardState:
     scores: Scores | None = None  # for the stage about to plan (from layer K-1, or its own layer's attention)
     stage_kept: list[list[list[torch.Tensor]]] = field(default_factory=list)  # per stage, row, image: kept positions
     plans: list[Plan] = field(default_factory=list)  # per stage planned so far
+    layouts: dict[int, BatchLayout] = field(default_factory=dict)  # stage -> where it selects (slot coordinates)
 
     @property
     def decoding(self) -> bool:

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from epic.compression.budget import Budget
+from epic.compression.methods.fastv import FastV
 from epic.compression.registry import register_method
-from epic.compression.selection import ImageSelection
 from epic.compression.stages import Stage
 
 
 @register_method("pdrop")
 @dataclass
-class PDrop:
-    """At each stage, the top visual tokens by the head-averaged attention of the last prompt token, computed with
-    the stage layer's own attention over what enters it (as released: layer K's queries and keys, not K-1's).
+class PDrop(FastV):
+    """FastV's selection at each stage: the top visual tokens by the head-averaged attention of the last prompt
+    token, computed with the stage layer's own attention over what enters it (as released: layer K's queries and
+    keys, not K-1's).
 
     Given one stage (K, budget B), it prunes at `drops` layers K, K + e, K + 2e, ... (e = (L - K) // drops; `drops`
     defaults to 3, or to L - K where fewer layers remain), keeping B * lam**s tokens at stage s: `ratio=0.5,
@@ -27,7 +26,6 @@ class PDrop:
     lam: float = 0.5
     drops: int | None = None
 
-    needs_features = False
     scores_at = "own"
 
     def schedule(self, stages: list[Stage], num_layers: int) -> list[Stage]:
@@ -44,11 +42,6 @@ class PDrop:
             )
         every = remaining // drops
         return [Stage(first.layer + step * every, _scaled(first.budget, self.lam**step)) for step in range(drops)]
-
-    def select(self, image: ImageSelection) -> torch.Tensor:
-        scores = image.attention[image.positions]
-        top = scores.topk(image.budget).indices
-        return image.positions[top].sort().values
 
 
 def _scaled(budget: Budget, factor: float) -> Budget:

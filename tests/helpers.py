@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -73,13 +75,15 @@ def reference_logits(
     layer: int | None = None,
     window: int | None = None,
     windowed_layers: set[int] | None = None,
+    replaced: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Stock model, eager attention, with dropped visual tokens masked out of attention from `layer` on.
 
     Independent of the engine: the sequence keeps its full length; only the keys of dropped visual tokens become
     invisible to every query of layers >= `layer`. Several stages: `kept` is a list of (layer, kept per row), each
     stage's mask from its layer on. `window` adds a sliding window over original positions to the layers in
-    `windowed_layers` (all of them by default).
+    `windowed_layers` (all of them by default). `replaced` (rows, positions, embeddings [m, d]) overwrites what
+    enters layer 0 at those positions (a method that merges tokens).
     """
     stages = [(layer, kept)] if layer is not None else kept
     input_ids, valid = batch["input_ids"], batch["attention_mask"].bool()
@@ -96,6 +100,14 @@ def reference_logits(
 
     layers = model.model.language_model.layers
     handles = []
+    if replaced is not None:
+
+        def replace(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            kwargs = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+            return (hidden.index_put(replaced[:2], replaced[2]), *args[1:]), kwargs
+
+        handles.append(layers[0].register_forward_pre_hook(replace, with_kwargs=True))
     for stage, (start, stage_kept) in enumerate(stages):
         visible = valid & (input_ids != model.config.image_token_id)
         for row, positions in enumerate(stage_kept):
@@ -123,10 +135,37 @@ def staged_kept(state) -> list[tuple[int, list[torch.Tensor]]]:
     return [(stage.layer, kept) for stage, kept in zip(state.stages, state.stage_kept, strict=True)]
 
 
-def assert_matches_masked_reference(model, batch: dict[str, torch.Tensor], state, out) -> None:
+@contextmanager
+def layer0_inputs(model) -> Iterator[dict[str, torch.Tensor]]:
+    """Record what decoder layer 0 receives (`["hidden"]`, [B, L', d]: after a compression's gather when registered
+    after it)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module, args, kwargs):
+        seen["hidden"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def kept_embeddings(state, layer0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, original positions, embeddings) of every real slot layer 0 received under a one-stage compression
+    before the LLM: `reference_logits`'s `replaced`, for a method that merges tokens."""
+    rows, slots = (state.original_positions >= 0).nonzero(as_tuple=True)
+    return rows, state.original_positions[rows, slots], layer0[rows, slots]
+
+
+def assert_matches_masked_reference(
+    model, batch: dict[str, torch.Tensor], state, out, layer0: torch.Tensor | None = None
+) -> None:
     """`out` (a compressed forward under `state`, with labels) equals `reference_logits` at every real slot, and its
-    loss, the CE over the kept sequence, equals the CE over the reference's supervised positions."""
-    reference = reference_logits(model, batch, staged_kept(state))
+    loss, the CE over the kept sequence, equals the CE over the reference's supervised positions. `layer0`: what
+    layer 0 received under a merging method before the LLM, written into the reference's input."""
+    replaced = None if layer0 is None else kept_embeddings(state, layer0)
+    reference = reference_logits(model, batch, staged_kept(state), replaced=replaced)
     real, expected = at_slots(reference, state.original_positions, batch["attention_mask"])
     torch.testing.assert_close(out.logits[real], expected[real], atol=1e-4, rtol=0)
     shift_labels = batch["labels"][:, 1:]

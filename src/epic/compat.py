@@ -323,6 +323,71 @@ def last_query_and_keys(
     return query[:, :, 0], key
 
 
+@dataclass(frozen=True)
+class VisionScoring:
+    """Where a LLaVA model's image features come from, for methods that read the vision tower's attention.
+
+    layer: the vision encoder layer whose output is the selected feature layer (`vision_feature_layer`);
+    has_cls: whether the tower prepends a [CLS] token (CLIP does, SigLIP does not);
+    drops_first: whether the features drop the tower's first token (`vision_feature_select_strategy="default"`);
+    projector: the module projecting the features into the LLM (`multi_modal_projector`).
+    """
+
+    layer: nn.Module
+    has_cls: bool
+    drops_first: bool
+    projector: nn.Module
+
+    @classmethod
+    def of(cls, model: nn.Module) -> VisionScoring:
+        config, inner = model.config, getattr(model, "model", model)
+        tower, projector = getattr(inner, "vision_tower", None), getattr(inner, "multi_modal_projector", None)
+        vision_model = getattr(tower, "vision_model", tower)
+        encoder = getattr(vision_model, "encoder", None)
+        if projector is None or encoder is None or not hasattr(encoder, "layers"):
+            raise IncompatibleTransformers(
+                f"{type(model).__name__} has no `model.vision_tower...encoder.layers` and `model.multi_modal_projector`"
+            )
+        feature_layer = config.vision_feature_layer
+        if not isinstance(feature_layer, int) or feature_layer == 0:
+            raise ValueError(
+                f"reading the vision tower's attention needs one vision_feature_layer after the embeddings; this "
+                f"model's is {feature_layer!r}"
+            )
+        layers = encoder.layers
+        index = feature_layer - 1 if feature_layer > 0 else len(layers) + feature_layer  # hidden_states[i] = out of i-1
+        layer = layers[index]
+        attention = getattr(layer, "self_attn", None)
+        if not hasattr(layer, "layer_norm1") or not all(
+            hasattr(attention, name) for name in ("q_proj", "k_proj", "num_heads", "head_dim", "scale")
+        ):
+            raise IncompatibleTransformers(f"{type(layer).__name__} has no `layer_norm1` and `self_attn.q_proj/k_proj`")
+        has_cls = hasattr(getattr(vision_model, "embeddings", None), "class_embedding")
+        drops_first = config.vision_feature_select_strategy == "default"
+        return cls(layer, has_cls, drops_first, projector)
+
+    def attention_and_keys(self, hidden_states: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """On what enters the scoring layer ([N, T, d_v], T tokens per image with any [CLS]): the attention each
+        token receives ([N, T] fp32, summed over heads) from the [CLS] query, or averaged over every query where
+        the tower has no [CLS] (in chunks of `chunk` queries: never the T x T map at once); and the layer's keys
+        averaged over heads ([N, T, hd], VisionZip's similarity metric)."""
+        attention = self.layer.self_attn
+        normed = self.layer.layer_norm1(hidden_states)
+        batch_size, length, _ = normed.shape
+        heads, head_dim = attention.num_heads, attention.head_dim
+        key = attention.k_proj(normed).view(batch_size, length, heads, head_dim).transpose(1, 2)  # [N, H, T, hd]
+        queries = normed[:, :1] if self.has_cls else normed
+        received = torch.zeros(batch_size, length, dtype=torch.float32, device=normed.device)
+        for start in range(0, queries.shape[1], chunk):
+            query = attention.q_proj(queries[:, start : start + chunk])  # [N, q, d_v]
+            query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # [N, H, q, hd]
+            weights = (query.float() @ key.float().transpose(-1, -2) * attention.scale).softmax(dim=-1)  # [N,H,q,T]
+            received += weights.sum(dim=(1, 2))
+        if not self.has_cls:
+            received /= length
+        return received, key.mean(dim=1)
+
+
 def eager_attention_of(module: nn.Module) -> Callable:
     """The eager attention function of `module`'s model family (Llama's when the family has none of its own)."""
     from transformers.models.llama.modeling_llama import eager_attention_forward

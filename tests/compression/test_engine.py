@@ -7,7 +7,7 @@ import torch
 
 import epic
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
-from tests.helpers import Row, assert_matches_masked_reference, make_batch, method_stages
+from tests.helpers import Row, assert_matches_masked_reference, layer0_inputs, make_batch, method_stages
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 ATTENTION = ["sdpa", "eager"]
@@ -38,10 +38,10 @@ def test_full_budget_equals_stock_forward(family, attention, method, layer):
 def test_pruned_forward_matches_masked_reference(family, attention, padding_side, method, layer):
     model = build_tiny_llava(TinyLlavaSpec(text_model=family), attn_implementation=attention)
     batch = make_batch(SPEC, [Row(), Row(before=11, after=3, answer=6), Row(images=2, answer=1)], padding_side)
-    with torch.no_grad(), epic.compress(model, method, tokens=9, layer=layer) as state:
+    with torch.no_grad(), epic.compress(model, method, tokens=9, layer=layer) as state, layer0_inputs(model) as seen:
         out = model(**batch)
     assert [kept.numel() for kept in state.stage_kept[0]] == [9, 9, 18]
-    assert_matches_masked_reference(model, batch, state, out)
+    assert_matches_masked_reference(model, batch, state, out, seen["hidden"] if layer == 0 else None)
 
 
 def test_sequence_shrinks_and_positions_keep_gaps():

@@ -36,7 +36,7 @@ def test_selection_keeps_each_images_budget_and_never_drops_the_last_prompt_toke
     layout = read_layout(image_mask, valid, n_images=2, prompt_end=torch.tensor([6, 6]))
     attention = torch.tensor([[0.0, 0.1, 0.4, 0.3, 0.2, 0.0], [0.0, 0.0, 0.5, 0.4, 0.1, 0.0]])
     scores = Scores(attention=attention, key_norms=torch.ones(2, 6))
-    keep, kept = select_kept(FastV(), Budget(tokens=2), layout, scores, None, torch.Generator(), torch.device("cpu"))
+    keep, kept, _ = select_kept(FastV(), Budget(tokens=2), layout, scores, None, torch.Generator(), torch.device("cpu"))
     assert [[image.tolist() for image in row] for row in kept] == [[[2, 3]], [[5, 2]]]  # forced 5, then FastV's top
     assert keep.tolist() == [[True, False, True, True, False, True], [True, True, True, False, False, True]]
     with pytest.raises(ValueError, match="larger than the image"):

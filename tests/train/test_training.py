@@ -100,6 +100,7 @@ def flat_parameters(model) -> dict[str, torch.Tensor]:
         ("tcd", []),
         ("tcd", ["--method", "divprune", "--layer", "0"]),  # before the LLM
         ("tcd", ["--method", "pdrop"]),  # a student pruning in stages (layers 2 and 3 of 4)
+        ("tcd", ["--method", "visionzip", "--layer", "0"]),  # reads the vision tower; its teacher, the student's record
         ("lcd", []),
         ("tcd+lcd", []),
     ],

@@ -9,7 +9,7 @@ from torch import nn
 
 from epic.compression.budget import Budget
 from epic.compression.engine import Compression
-from epic.compression.registry import CompressionMethod
+from epic.compression.registry import CompressionMethod, before_llm_only, resolve_method
 from epic.compression.stages import Stage, parse_stages
 
 DEFAULT_LAYER = 2  # the paper's K (the released EPIC training script's PRUNED_LAYER)
@@ -37,7 +37,8 @@ def compress(
         tokens: exact number of visual tokens kept per image; or
         ratio: fraction dropped, meaning `tokens = round(N * (1 - ratio))` for an image of N tokens.
         layer: K, the first decoder layer that sees the compressed sequence (0 <= K < num_layers; 0: before the LLM,
-            for methods that need no layer K-1 attention); default 2.
+            for methods that need no layer K-1 attention); default 2, or 0 for a method that runs before the LLM
+            only (VisionZip).
         stages: instead of `layer` and one budget, several pruning stages at increasing layers, each selecting from
             what the one before kept: `[Stage(2, Budget(tokens=192)), Stage(15, Budget(tokens=64))]` or
             `"2:192,15:64"` (layer:tokens, or layer:dropped ratio as `"2:0.667,15:0.889"`).
@@ -52,19 +53,21 @@ def compress(
 
     Returns a `Compression` handle: a context manager, or call `.remove()` to detach it.
     """
+    method = resolve_method(method, options)
     if stages is not None:
         if layer is not None or tokens is not None or ratio is not None:
             raise ValueError("give either stages= or layer= with tokens=/ratio=, not both")
         stages = parse_stages(stages) if isinstance(stages, str) else list(stages)
     else:
-        stages = [Stage(DEFAULT_LAYER if layer is None else layer, Budget(tokens=tokens, ratio=ratio))]
+        if layer is None:
+            layer = 0 if before_llm_only(method) else DEFAULT_LAYER
+        stages = [Stage(layer, Budget(tokens=tokens, ratio=ratio))]
     return Compression(
         model,
         method,
         stages=stages,
         seed=seed,
         profile=profile,
-        options=options,
         record_prefix=record_prefix,
         trim_last_layer=trim_last_layer,
     )

@@ -72,6 +72,7 @@ from epic.compression.registry import (
     check_stage,
     method_features,
     needs_scores,
+    needs_vision,
     resolve_method,
     scheduled_stages,
     scores_own_layer,
@@ -79,6 +80,7 @@ from epic.compression.registry import (
 from epic.compression.stages import Stage, check_stages, stage_budgets
 from epic.compression.suffix import Prefix, run_layers
 from epic.compression.trimming import last_mlp_of, mlp_at_rows
+from epic.compression.vision import VisionRecord, VisionTap
 
 
 class Compression:
@@ -167,6 +169,7 @@ class Compression:
             self._handles.append(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         if trim_last_layer:
             self._handles += mlp_at_rows(last_mlp, lambda: None if self._paused else self._mlp_rows)
+        self._vision = VisionTap(model, lambda: self._paused) if needs_vision(self.method) else None
 
     # ----------------------------------------------------------------------------------------- life cycle
     def remove(self) -> None:
@@ -177,6 +180,8 @@ class Compression:
         for route in reversed(self._scoring.values()):
             route.restore()
         self._scoring.clear()
+        if self._vision is not None:
+            self._vision.remove()
         self._plans = WeakIdKeyDictionary()
         self._forward = None
         self._cache_record = None
@@ -208,7 +213,10 @@ class Compression:
             raise ValueError(f"a suffix from layer {start} cannot compress at layer {self.layer}")
         logits_mask = logits_mask.to(prefix.hidden_states.device)
         forward = ForwardState(
-            layout=prefix.layout, logits_mask=logits_mask, scores=prefix.scores if self.layer == start else None
+            layout=prefix.layout,
+            logits_mask=logits_mask,
+            scores=prefix.scores if self.layer == start else None,
+            vision=prefix.vision,
         )
 
         def wanted_rows() -> torch.Tensor:  # read when the last layer's MLP runs, after this compression planned
@@ -390,6 +398,9 @@ class Compression:
             self._plans[rotary] = plans
         plan = plans[stage]
         if plan.gather_index is not None and index == self._stage_layers[stage]:
+            if plan.merged is not None:  # new embeddings of some kept tokens (VisionZip's contextual tokens)
+                rows, positions, values = plan.merged
+                hidden_states = hidden_states.index_put((rows, positions), values.to(hidden_states.dtype))
             index_into = plan.gather_index if plan.step_index is None else plan.step_index
             hidden_states = hidden_states.gather(1, index_into[..., None].expand(-1, -1, hidden_states.shape[-1]))
         if last_layer and self.trim_last_layer:
@@ -421,9 +432,11 @@ class Compression:
             return None
         if index != self._stage_layers[stage] or len(forward.plans) != stage:
             raise RuntimeError(f"stage {stage} of the compression was not planned at layer {self._stage_layers[stage]}")
+        vision = self._vision_of(forward, hidden_states) if stage == 0 else None
         if stage == 0 and self.record_prefix:
             without_cache = self.layout.without_cache(kwargs)
-            self.prefix = Prefix(hidden_states.detach(), without_cache, forward.layout, forward.scores)
+            record = None if vision is None else vision.detached()
+            self.prefix = Prefix(hidden_states.detach(), without_cache, forward.layout, forward.scores, record)
         previous = forward.plan
         layout = self._stage_layout(forward)
         if self._own_scores:
@@ -431,9 +444,10 @@ class Compression:
             self._score_own_layer(index, layout, forward, hidden_states, position_embeddings)
         elif stage in self._scoring and forward.scores is None:
             raise RuntimeError(f"layer {index - 1} was not scored before layer {index}")
-        with torch.no_grad(), self._timed():
-            features = method_features(self.method, hidden_states, self.language_model.norm)
-            keep, kept = select_kept(
+        with self._timed():
+            with torch.no_grad():
+                features = method_features(self.method, hidden_states, self.language_model.norm)
+            keep, kept, merged = select_kept(
                 self.method,
                 self.stages[stage].budget,
                 layout,
@@ -441,12 +455,14 @@ class Compression:
                 features,
                 self.generator,
                 hidden_states.device,
+                None if vision is None else vision.images(layout, hidden_states),
             )
         forward.scores = None  # consumed: a later stage scores again
         if previous is None:
             plan = gather_plan(
                 keep, layout.attention_mask, kwargs["position_ids"], kwargs["position_embeddings"], forward.logits_mask
             )
+            plan.merged = merged
         else:  # `kept` are slots of the previous stage's sequence: report them as input positions
             sources = previous.gather_index.cpu()
             kept = [[sources[row][slots] for slots in row_kept] for row, row_kept in enumerate(kept)]
@@ -455,6 +471,18 @@ class Compression:
         forward.plans.append(plan)
         forward.stage_kept.append(kept)
         return list(forward.plans)
+
+    def _vision_of(self, forward: ForwardState, hidden_states: torch.Tensor) -> VisionRecord | None:
+        """What the vision tower saw of this forward's images (a method reading it), or None for any other."""
+        if self._vision is None:
+            return None
+        record = forward.vision if forward.vision is not None else self._vision.take()
+        if record is None:
+            raise RuntimeError(
+                f"{type(self.method).__name__} reads the vision tower, which did not run under this compression: pass "
+                "pixel_values, or compute the image features after epic.compress"
+            )
+        return record
 
     def _score_own_layer(
         self,

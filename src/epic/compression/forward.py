@@ -11,6 +11,7 @@ from torch import nn
 
 from epic.compression.batch import BatchLayout
 from epic.compression.planning import Plan, Scores
+from epic.compression.vision import VisionRecord
 from epic.labels import IGNORE_INDEX
 
 
@@ -27,6 +28,7 @@ class ForwardState:
     stage_kept: list[list[list[torch.Tensor]]] = field(default_factory=list)  # per stage, row, image: kept positions
     plans: list[Plan] = field(default_factory=list)  # per stage planned so far
     layouts: dict[int, BatchLayout] = field(default_factory=dict)  # stage -> where it selects (slot coordinates)
+    vision: VisionRecord | None = None  # what the vision tower saw (a teacher's suffix: the student's record)
 
     @property
     def decoding(self) -> bool:

@@ -17,6 +17,7 @@ from epic.compression.batch import BatchLayout
 from epic.compression.budget import Budget
 from epic.compression.registry import CompressionMethod
 from epic.compression.selection import ImageSelection
+from epic.compression.vision import VisionImage
 
 
 class Scores(NamedTuple):
@@ -39,6 +40,7 @@ class Plan:
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # gathered rotary (cos, sin), [B, L', hd]
     logit_slots: torch.Tensor | None = None  # [B, L'] slots whose logits are wanted (a boolean logits_to_keep)
     masks: dict[str, Any] = field(default_factory=dict)  # attention type -> the mask its layers get
+    merged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # new embeddings (rows, positions, [m, d])
 
 
 def score_prompt(
@@ -80,6 +82,14 @@ def score_last_query(
     return Scores(attention=logits.softmax(dim=-1).mean(dim=(1, 2)), key_norms=key.float().abs().sum(dim=(1, 3)))
 
 
+class Selected(NamedTuple):
+    """What `select_kept` chose for a batch."""
+
+    keep: torch.Tensor  # [B, L] bool: surviving positions
+    kept: list[list[torch.Tensor]]  # per row and image: the kept positions (on the CPU)
+    merged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (rows [m], positions [m], embeddings [m, d])
+
+
 def select_kept(
     method: CompressionMethod,
     budget: Budget,
@@ -88,40 +98,46 @@ def select_kept(
     features: torch.Tensor | None,
     generator: torch.Generator,
     device: torch.device,
-) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    vision: list[list[VisionImage]] | None = None,
+) -> Selected:
     """Run `method` on every image of every row.
 
     The last prompt token is never dropped (it may be an image token when a row ends with its image): it counts
     toward its image's budget. `scores` are None before the LLM (layer 0). `features` are [B, L, d] (or None when
-    the method does not need them); the selection runs on `device` (the hidden states'). The budget counts tokens
-    of the original image (`layout.tokens_per_image`), also at a later stage, whose layout is in slot coordinates.
-    Returns the [B, L] bool mask of surviving positions and, per row and image, the kept positions (on the CPU).
+    the method does not need them); `vision` is, per row and image, what the vision tower saw (for a method that
+    reads it). The selection runs on `device` (the hidden states') without gradients; a method that merges
+    (`merge`) computes the new embeddings of some kept tokens with them. The budget counts tokens of the original
+    image (`layout.tokens_per_image`), also at a later stage, whose layout is in slot coordinates.
     """
     keep = ~layout.image_mask.to(device)
     if layout.slots is not None:
         keep &= layout.slots.to(device)
-    kept, expected = [], []
+    merges = hasattr(method, "merge")
+    kept, expected, merged = [], [], []
     for row, images in enumerate(layout.images):
         last = layout.prompt_last[row]
         row_kept = []
-        for positions in images:
+        for index, positions in enumerate(images):
             positions = positions.to(device)
             forced = positions[positions == last]
             candidates = positions[positions != last]
             share = max(budget.resolve(layout.tokens_per_image) - forced.numel(), 0)
-            chosen = method.select(
-                ImageSelection(
-                    positions=candidates,
-                    budget=share,
-                    text_positions=layout.text_positions[row].to(device),
-                    attention=None if scores is None else scores.attention[row],
-                    key_norms=None if scores is None else scores.key_norms[row],
-                    features=None if features is None else features[row],
-                    generator=generator,
-                )
+            image = ImageSelection(
+                positions=candidates,
+                budget=share,
+                text_positions=layout.text_positions[row].to(device),
+                attention=None if scores is None else scores.attention[row],
+                key_norms=None if scores is None else scores.key_norms[row],
+                features=None if features is None else features[row],
+                generator=generator,
+                vision=None if vision is None else vision[row][index],
             )
+            with torch.no_grad():
+                chosen = method.select(image)
             if chosen.numel() != share:
                 raise RuntimeError(f"{type(method).__name__} kept {chosen.numel()} tokens, budget {share}")
+            if merges:
+                merged.append((row, *method.merge(image)))
             row_kept.append(torch.cat([forced, chosen]))
         if row_kept:
             keep[row, torch.cat(row_kept)] = True
@@ -130,7 +146,19 @@ def select_kept(
     kept_visual = (keep & layout.image_mask.to(keep.device)).sum(dim=1)
     if not torch.equal(kept_visual.cpu(), torch.tensor(expected)):
         raise RuntimeError(f"{type(method).__name__} returned repeated positions or positions outside the image")
-    return keep, kept
+    return Selected(keep, kept, _stacked_merges(merged, device))
+
+
+def _stacked_merges(
+    merged: list[tuple[int, torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Per-image merges (row, positions [m_i], embeddings [m_i, d]) as one (rows, positions, embeddings)."""
+    merged = [(row, positions, values) for row, positions, values in merged if positions.numel()]
+    if not merged:
+        return None
+    rows = torch.cat([torch.full_like(positions, row) for row, positions, _ in merged]).to(device)
+    positions = torch.cat([positions for _, positions, _ in merged]).to(device)
+    return rows, positions, torch.cat([values for _, _, values in merged]).to(device)
 
 
 def wanted_slots(wanted: torch.Tensor, gather_index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

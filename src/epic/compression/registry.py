@@ -35,6 +35,11 @@ class CompressionMethod(Protocol):
         scores_at (optional, default "previous"): "own" scores with the compression layer's own attention over what
             enters it (its keys and one query row projected once more: PyramidDrop's ranking) instead of layer
             K-1's; it can then run at layer 0 too.
+        needs_vision (optional, default False): what the vision tower saw of each image (`ImageSelection.vision`:
+            its feature layer's attention and keys, the features entering the projector).
+        before_llm_only (optional, default False): the method runs before the LLM only (`layer=0`).
+    A method may also define `merge(image) -> (positions, embeddings)`: new embeddings for some of the tokens it
+    keeps (VisionZip's contextual tokens), computed with gradients.
     A method may also define `schedule(stages, num_layers) -> list[Stage]`: the stages it prunes at when given
     one (PyramidDrop's pyramid); given several, they are used as they are.
     """
@@ -79,8 +84,25 @@ def scheduled_stages(method: CompressionMethod, stages: list[Stage], num_layers:
     return schedule(stages, num_layers) if schedule is not None and len(stages) == 1 else stages
 
 
+def needs_vision(method: CompressionMethod) -> bool:
+    """Whether `method` reads what the vision tower saw (`ImageSelection.vision`)."""
+    return getattr(method, "needs_vision", False)
+
+
+def before_llm_only(method: CompressionMethod) -> bool:
+    """Whether `method` runs before the LLM only (`layer=0`)."""
+    return getattr(method, "before_llm_only", False)
+
+
 def check_stage(method: CompressionMethod, layer: int) -> None:
-    """Refuse, in one line, a method that scores with layer K-1's attention asked to run before the LLM."""
+    """Refuse, in one line, a method that scores with layer K-1's attention asked to run before the LLM, or a
+    before-the-LLM-only method asked to run inside it."""
+    if layer > 0 and before_llm_only(method):
+        name = next((name for name, cls in METHODS.items() if cls is type(method)), type(method).__name__)
+        raise ValueError(
+            f"compression method {name!r} runs before the LLM only: use layer=0 ({name}@0 in a method list), not "
+            f"layer={layer}"
+        )
     if layer == 0 and needs_scores(method) and not scores_own_layer(method):
         before = sorted(
             name for name, cls in registered_methods().items() if not needs_scores(cls) or scores_own_layer(cls)
@@ -124,10 +146,13 @@ def method_spec(spec: str, layer: int) -> tuple[str, int]:
 
 def method_stages(layer: int) -> list[str]:
     """Every registered method as a method list entry at `layer` and, where it needs no layer K-1 scores, also
-    before the LLM (`name@0`)."""
+    before the LLM (`name@0`); a before-the-LLM-only method as `name@0` alone."""
     entries = []
     for name, cls in sorted(registered_methods().items()):
-        entries += [name] + ([f"{name}@0"] if not needs_scores(cls) and layer != 0 else [])
+        if before_llm_only(cls):
+            entries.append(f"{name}@0" if layer != 0 else name)
+        else:
+            entries += [name] + ([f"{name}@0"] if not needs_scores(cls) and layer != 0 else [])
     return entries
 
 

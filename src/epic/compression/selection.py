@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from epic.compression.vision import VisionImage
 
 
 @dataclass
@@ -24,6 +28,7 @@ class ImageSelection:
         features: [L, d] hidden states entering layer K (after the model's final norm unless the method asks
             for them raw), or None when the method does not ask for them.
         generator: a seeded CPU generator for methods that draw at random.
+        vision: what the vision tower saw of this image, for a method that reads it (`needs_vision`), else None.
     """
 
     positions: torch.Tensor
@@ -33,3 +38,4 @@ class ImageSelection:
     key_norms: torch.Tensor | None
     features: torch.Tensor | None
     generator: torch.Generator
+    vision: VisionImage | None = None

@@ -20,6 +20,7 @@ from epic.compression.trimming import last_mlp_of, mlp_at_rows
 
 if TYPE_CHECKING:
     from epic.compression.engine import Compression
+    from epic.compression.vision import VisionRecord
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Prefix:
     layer_kwargs: dict[str, Any]  # that layer's other inputs: mask, position ids, rotary (cos, sin); no cache
     layout: BatchLayout  # where the images, prompt and padding are
     scores: Scores  # layer K-1's scores, reused by a teacher compressing at the same layer
+    vision: VisionRecord | None = None  # what the vision tower saw (for a teacher method that reads it)
 
 
 def run_layers(

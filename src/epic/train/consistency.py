@@ -40,18 +40,18 @@ class ConsistencyStep:
         layer's MLP at the supervised positions only."""
         llava = context.llava
         forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        if inputs.get("pixel_values") is not None:
-            config = llava.config
-            features = llava.model.get_image_features(
-                pixel_values=inputs["pixel_values"],
-                vision_feature_layer=config.vision_feature_layer,
-                vision_feature_select_strategy=config.vision_feature_select_strategy,
-                return_dict=True,
-            )
-            forward["mm_encoder_outputs"] = {"image": features}  # computed once, fed to both passes
         wanted, targets = supervised_rows(inputs["labels"])
-        student = self.compressor.student(context, for_consistency=True)
+        student = self.compressor.student(context, for_consistency=True)  # before the vision tower: VisionZip reads it
         with removed_on_error(student):
+            if inputs.get("pixel_values") is not None:
+                config = llava.config
+                features = llava.model.get_image_features(
+                    pixel_values=inputs["pixel_values"],
+                    vision_feature_layer=config.vision_feature_layer,
+                    vision_feature_select_strategy=config.vision_feature_select_strategy,
+                    return_dict=True,
+                )
+                forward["mm_encoder_outputs"] = {"image": features}  # computed once, fed to both passes
             student_rows = model(**forward, logits_to_keep=wanted).logits  # [N, V]
             teacher_rows = None
             if self.alpha > 0:  # alpha = 0 (progression without distillation): no teacher pass at all

@@ -11,9 +11,10 @@ modeling code is copied. A forward meets the hooks in this order:
 2. layer K-1's attention is routed through a registered attention function (`attention.py`) that hands its
    post-RoPE queries and keys to a capture, which scores the prompt (`planning.score_prompt`): one attention row,
    never the L x L map;
-3. layer K's pre-hook selects the kept tokens (`planning.select_kept`), builds the plan (`planning.gather_plan`,
-   `planning.build_masks`) and gathers the hidden states; every layer >= K's pre-hook swaps in the plan's position
-   ids, rotary (cos, sin) and masks (when decoding: a mask over the shorter KV cache, `planning.decode_plan`);
+3. layer K's pre-hook has the stage planner (`stage_planner.py`) select the kept tokens (`planning.select_kept`)
+   and build the plan (`planning.gather_plan`, `planning.build_masks`), and gathers the hidden states; every
+   layer >= K's pre-hook swaps in the plan's position ids, rotary (cos, sin) and masks (when decoding: a mask over
+   the shorter KV cache, `planning.decode_plan`);
 4. the LM head's pre-hook projects only the wanted rows (a boolean `logits_to_keep`);
 5. the model's forward hook publishes what was kept and computes the loss over the kept sequence with the model's
    own loss function.
@@ -50,37 +51,30 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
-from epic.compat import Layout, cache_length, check_mask_fits_cache, language_model_of, last_query_and_keys
-from epic.compression.attention import Capture, ScoringRoute
-from epic.compression.batch import BatchLayout, read_prefill
+from epic.compat import Layout, cache_length, check_mask_fits_cache, language_model_of
+from epic.compression.attention import ScoringRoute
+from epic.compression.batch import read_prefill
 from epic.compression.budget import configured_image_tokens
 from epic.compression.decoding import CacheRecord, check_decoding
 from epic.compression.forward import ForwardState
 from epic.compression.planning import (
     Plan,
     attention_types,
-    build_masks,
-    gather_plan,
-    next_stage_plan,
-    score_last_query,
-    score_prompt,
-    select_kept,
-    slot_layout,
 )
 from epic.compression.registry import (
     CompressionMethod,
     check_stage,
-    method_features,
     needs_scores,
     needs_vision,
     resolve_method,
     scheduled_stages,
     scores_own_layer,
 )
+from epic.compression.stage_planner import StagePlanner
 from epic.compression.stages import Stage, check_stages, stage_budgets
 from epic.compression.suffix import Prefix, run_layers
 from epic.compression.trimming import last_mlp_of, mlp_at_rows
-from epic.compression.vision import VisionRecord, VisionTap
+from epic.compression.vision import VisionTap
 
 
 class Compression:
@@ -156,11 +150,11 @@ class Compression:
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model, with_kwargs=True))
         self._handles.append(model.get_output_embeddings().register_forward_pre_hook(self._before_lm_head))
-        self._own_scores = scores_own_layer(self.method)
+        own_scores = scores_own_layer(self.method)
         self._scoring: dict[int, ScoringRoute] = {}  # stage -> the attention module it scores with
         for stage, start in enumerate(self._stage_layers):
             # stage 0's scores also serve a teacher; an own-layer method (PDrop) scores in its stage layer's pre-hook
-            if start > 0 and not self._own_scores and (stage == 0 or needs_scores(self.method)):
+            if start > 0 and not own_scores and (stage == 0 or needs_scores(self.method)):
                 self._scoring[stage] = ScoringRoute(layers[start - 1].self_attn)
                 hook = self._scoring_pre_hook(stage)  # before the layer hooks: it keys on the stock rotary tensor
                 self._handles.append(layers[start - 1].register_forward_pre_hook(hook, with_kwargs=True))
@@ -169,7 +163,18 @@ class Compression:
             self._handles.append(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         if trim_last_layer:
             self._handles += mlp_at_rows(last_mlp, lambda: None if self._paused else self._mlp_rows)
-        self._vision = VisionTap(model, lambda: self._paused) if needs_vision(self.method) else None
+        self._vision = VisionTap(model, lambda: self._paused, self._timed) if needs_vision(self.method) else None
+        self._planner = StagePlanner(
+            self.method,
+            self.stages,
+            self.layout,
+            self.text_config,
+            self._layer_types,
+            self.language_model,
+            self.generator,
+            self._vision,
+            self._timed,
+        )
 
     # ----------------------------------------------------------------------------------------- life cycle
     def remove(self) -> None:
@@ -329,33 +334,10 @@ class Compression:
             plans = self._plans.get(kwargs["position_embeddings"][0], [])
             capture = None
             if forward is not None and forward.layout is not None and len(plans) <= stage:
-                capture = self._capture_for(forward, stage)
+                capture = self._planner.capture(forward, stage)
             return args, {**kwargs, "epic_scoring": self._scoring[stage].call(capture)}
 
         return hook
-
-    def _capture_for(self, forward: ForwardState, stage: int) -> Capture:
-        """A capture scoring the prompt for stage `stage` (in the slot coordinates of the stage before). A checkpointed
-        layer recomputed in backward may call it again once the stage is planned: it then does nothing."""
-
-        def capture(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
-            if len(forward.plans) != stage:
-                return
-            with torch.no_grad(), self._timed():
-                layout = self._stage_layout(forward)
-                forward.scores = score_prompt(query, key, module.scaling, layout.prompt_last, layout.attention_mask)
-
-        return capture
-
-    def _stage_layout(self, forward: ForwardState) -> BatchLayout:
-        """The layout the next stage selects in: the input's, or the last planned stage's slot coordinates (made
-        once per stage: its scoring and its selection both read it)."""
-        if forward.plan is None:
-            return forward.layout
-        stage = len(forward.plans)
-        if stage not in forward.layouts:
-            forward.layouts[stage] = slot_layout(forward.layout, forward.plan)
-        return forward.layouts[stage]
 
     def _layer_pre_hook(self, index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -421,95 +403,15 @@ class Compression:
         if forward.decoding:
             if stage > 0:  # the first stage made every stage's step plan, unless the prefill had no image
                 return None
-            query_length = hidden_states.shape[1]
-            plans = self._cache_record.step_plans(
-                forward.decode_mask, kwargs["position_ids"], query_length, cache, self._stage_layers
-            )
-            for step, step_plan in enumerate(plans or []):
-                self._build_masks(step_plan, step, query_length, hidden_states, cache)
-            return plans
+            return self._planner.decode_plans(self._cache_record, forward, hidden_states, kwargs, cache)
         if forward.layout is None:
             return None
         if index != self._stage_layers[stage] or len(forward.plans) != stage:
             raise RuntimeError(f"stage {stage} of the compression was not planned at layer {self._stage_layers[stage]}")
-        vision = self._vision_of(forward, hidden_states) if stage == 0 else None
         if stage == 0 and self.record_prefix:
+            vision = self._planner.vision_of(forward)
             without_cache = self.layout.without_cache(kwargs)
             record = None if vision is None else vision.detached()
             self.prefix = Prefix(hidden_states.detach(), without_cache, forward.layout, forward.scores, record)
-        previous = forward.plan
-        layout = self._stage_layout(forward)
-        if self._own_scores:
-            position_embeddings = kwargs["position_embeddings"] if previous is None else previous.position_embeddings
-            self._score_own_layer(index, layout, forward, hidden_states, position_embeddings)
-        elif stage in self._scoring and forward.scores is None:
-            raise RuntimeError(f"layer {index - 1} was not scored before layer {index}")
-        with self._timed():
-            with torch.no_grad():
-                features = method_features(self.method, hidden_states, self.language_model.norm)
-            keep, kept, merged = select_kept(
-                self.method,
-                self.stages[stage].budget,
-                layout,
-                forward.scores,
-                features,
-                self.generator,
-                hidden_states.device,
-                None if vision is None else vision.images(layout, hidden_states),
-            )
-        forward.scores = None  # consumed: a later stage scores again
-        if previous is None:
-            plan = gather_plan(
-                keep, layout.attention_mask, kwargs["position_ids"], kwargs["position_embeddings"], forward.logits_mask
-            )
-            plan.merged = merged
-        else:  # `kept` are slots of the previous stage's sequence: report them as input positions
-            sources = previous.gather_index.cpu()
-            kept = [[sources[row][slots] for slots in row_kept] for row, row_kept in enumerate(kept)]
-            plan = next_stage_plan(previous, keep)
-        self._build_masks(plan, stage, plan.gather_index.shape[1], hidden_states, cache)
-        forward.plans.append(plan)
-        forward.stage_kept.append(kept)
+        self._planner.plan_stage(stage, forward, hidden_states, kwargs, cache, scored=stage in self._scoring)
         return list(forward.plans)
-
-    def _vision_of(self, forward: ForwardState, hidden_states: torch.Tensor) -> VisionRecord | None:
-        """What the vision tower saw of this forward's images (a method reading it), or None for any other."""
-        if self._vision is None:
-            return None
-        record = forward.vision if forward.vision is not None else self._vision.take()
-        if record is None:
-            raise RuntimeError(
-                f"{type(self.method).__name__} reads the vision tower, which did not run under this compression: pass "
-                "pixel_values, or compute the image features after epic.compress"
-            )
-        return record
-
-    def _score_own_layer(
-        self,
-        index: int,
-        layout: BatchLayout,
-        forward: ForwardState,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple,
-    ) -> None:
-        """Scores from layer `index`'s own attention over what enters it (laid out as `layout`), before this stage
-        drops anything: its keys at every position and its query at the last prompt token only."""
-        layer = self.language_model.layers[index]
-        with torch.no_grad(), self._timed():
-            query_last, key = last_query_and_keys(layer, hidden_states, position_embeddings, layout.prompt_last)
-            scaling = layer.self_attn.scaling
-            forward.scores = score_last_query(query_last, key, scaling, layout.prompt_last, layout.attention_mask)
-
-    def _build_masks(self, plan: Plan, stage: int, query_length: int, like: torch.Tensor, cache: Any) -> None:
-        following = self._stage_layers[stage + 1 : stage + 2]
-        build_masks(
-            plan,
-            layout=self.layout,
-            text_config=self.text_config,
-            layer_types=self._layer_types,
-            first_layer=self._stage_layers[stage],
-            last_layer=following[0] if following else len(self._layer_types),
-            query_length=query_length,
-            cache=cache,
-            like=like,
-        )

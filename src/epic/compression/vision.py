@@ -8,6 +8,7 @@ image embeddings, so a record can never serve another batch's images.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -71,11 +72,15 @@ class VisionRecord:
 
 class VisionTap:
     """Hooks on the vision tower's feature layer and on the projector: each computation of the image features
-    leaves one `VisionRecord`, which `take()` hands over (once). Nothing is recorded while `paused()`."""
+    leaves one `VisionRecord`, which `take()` hands over (once). Nothing is recorded while `paused()`; the scoring
+    runs inside `timed()` (the handle's scoring clock)."""
 
-    def __init__(self, model: nn.Module, paused: Callable[[], bool]) -> None:
+    def __init__(
+        self, model: nn.Module, paused: Callable[[], bool], timed: Callable[[], AbstractContextManager]
+    ) -> None:
         self.scoring = VisionScoring.of(model)
         self._is_paused = paused
+        self._timed = timed
         self._scored: tuple[torch.Tensor, torch.Tensor] | None = None
         self._latest: VisionRecord | None = None
         self._projecting = False
@@ -106,7 +111,7 @@ class VisionTap:
         if self._is_paused():
             return
         hidden_states = args[0] if args else kwargs["hidden_states"]  # [N, T, d_v]
-        with torch.no_grad():
+        with torch.no_grad(), self._timed():
             attention, keys = self.scoring.attention_and_keys(hidden_states)
         if self.scoring.drops_first:  # the features drop the tower's first token ([CLS] for CLIP)
             attention, keys = attention[:, 1:], keys[:, 1:]

@@ -11,6 +11,7 @@ import torch
 import epic
 from epic.compat import Layout, cache_length
 from epic.compression import Budget, Stage, parse_stages
+from epic.compression.stages import parse_later_stages, staged
 from epic.compression.methods.pdrop import PDrop
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from tests.helpers import Row, assert_matches_masked_reference, make_batch
@@ -27,6 +28,17 @@ STAGED = [  # (method, stages): every method inside the LLM, and a first stage b
     ("pdrop", "0:16,2:8"),
 ]
 NEW_TOKENS = 4
+
+
+def test_later_stages_drop_fractions_of_what_the_stage_before_kept():
+    assert parse_later_stages("15:0.5, 24:0.25") == [(15, 0.5), (24, 0.25)]
+    assert parse_later_stages("") == []
+    stages = staged(2, 0.5, [(15, 0.5), (24, 0.25)])
+    assert [stage.layer for stage in stages] == [2, 15, 24]
+    assert [stage.budget.resolve(576) for stage in stages] == [288, 144, 108]  # 576/2, then /2, then *3/4
+    for text in ("15", "15:1.0", "15:-0.1", "x:0.5", "15:half"):
+        with pytest.raises(ValueError, match="write layer:fraction"):
+            parse_later_stages(text)
 
 
 def test_stages_parse_from_text_and_refuse_what_cannot_run():

@@ -80,6 +80,11 @@ def test_training_starts_with_a_banner_of_what_it_runs(shapes, tmp_path, capsys)
         (["--teacher_method", "nope"], "unknown compression method 'nope'"),
         (["--mode", "sft", "--teacher_method", "fastv"], "teacher_method is the TCD/LCD teacher's method"),
         (["--method", "divprune", "--layer", "0", "--teacher_method", "fastv"], "FastV scores with layer K-1's"),
+        (["--later_stages", "2:0.5"], r"strictly increasing layers; got layers \[2, 2\]"),
+        (["--later_stages", "3:1.5"], r"later stage '3:1.5' in '3:1.5': write layer:fraction"),
+        (["--later_stages", "9:0.5"], r"layer must be an integer in \[0, 3\]"),
+        (["--mode", "lcd", "--later_stages", "3:0.5"], "later_stages follow a fixed layer K; mode 'lcd' moves K"),
+        (["--mode", "sft", "--teacher_later_stages", ""], "teacher_later_stages is the TCD teacher's"),
     ],
 )
 def test_bad_options_fail_before_any_compute(overrides, message):
@@ -133,6 +138,32 @@ def test_the_tcd_teacher_compresses_with_its_own_method(shapes, tmp_path, monkey
     argv = tiny_options(shapes, tmp_path, max_steps=2, teacher_method="fastv")
     run_training(*parse_recipe(None, argv))
     assert attached == [("dart", True), ("fastv", False)] * 2  # per step: the student (records), then the teacher
+
+
+def test_later_stages_prune_the_student_again_and_the_teacher_as_told(shapes, tmp_path, monkeypatch):
+    """--later_stages 3:0.5: the student prunes at K = 2 as the schedule says, then drops half of that at layer 3;
+    --teacher_later_stages '' leaves the teacher one stage, at its milder ratio."""
+    import epic.train.step as step_module
+
+    handles = []
+    real = step_module.compress
+
+    def recording(model, method, **kwargs):
+        handles.append(real(model, method, **kwargs))
+        return handles[-1]
+
+    monkeypatch.setattr(step_module, "compress", recording)
+    argv = tiny_options(shapes, tmp_path, max_steps=2, later_stages="3:0.5", teacher_later_stages="")
+    run_training(*parse_recipe(None, argv))
+    students, teachers = handles[0::2], handles[1::2]
+    assert len(students) == len(teachers) == 2
+    for student, teacher in zip(students, teachers, strict=True):
+        first, second = (len(kept[0]) for kept in student.stage_kept)
+        assert [stage.layer for stage in student.stages] == [2, 3]
+        assert second == round(64 * (1 - student.stages[1].budget.ratio)) and second < first
+        assert abs((1 - student.stages[1].budget.ratio) - (1 - student.stages[0].budget.ratio) / 2) < 1e-9
+        assert [stage.layer for stage in teacher.stages] == [2]
+        assert teacher.stages[0].budget.ratio < student.stages[0].budget.ratio
 
 
 def test_checkpoint_loads_with_plain_transformers(shapes, tmp_path, caplog):

@@ -69,3 +69,32 @@ def stage_budgets(stages: Sequence[Stage], image_tokens: int) -> list[int]:
         described = ", ".join(f"layer {stage.layer}: {tokens}" for stage, tokens in zip(stages, kept, strict=True))
         raise ValueError(f"compression stages must not keep more tokens than the stage before ({described})")
     return kept
+
+
+def parse_later_stages(text: str) -> list[tuple[int, float]]:
+    """Later stages relative to a first one, from `"15:0.5,24:0.5"`: at each layer, drop that fraction of what the
+    stage before kept (a training schedule sets the first stage's ratio; these follow it). `""` is none."""
+    later = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        layer, colon, amount = item.partition(":")
+        try:
+            fraction = float(amount)
+        except ValueError:
+            fraction = -1.0
+        if not colon or not layer.isdigit() or not 0.0 <= fraction < 1.0:
+            raise ValueError(
+                f"later stage {item!r} in {text!r}: write layer:fraction, the fraction in [0, 1) of what the stage "
+                "before kept that this stage drops, e.g. 15:0.5"
+            )
+        later.append((int(layer), fraction))
+    return later
+
+
+def staged(layer: int, ratio: float, later: Sequence[tuple[int, float]]) -> list[Stage]:
+    """The stages of a first stage (`layer`, dropped `ratio` of the image) followed by `later` ones, each dropping
+    its fraction of what the one before kept: kept fraction (1 - ratio) * (1 - f_1) * ... at each."""
+    stages, kept = [Stage(layer, Budget(ratio=ratio))], 1.0 - ratio
+    for later_layer, fraction in later:
+        kept *= 1.0 - fraction
+        stages.append(Stage(later_layer, Budget(ratio=1.0 - kept)))
+    return stages

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from epic.compression.stages import parse_later_stages
 from epic.distill.modes import MODES
 from epic.train.kd import KD_WEIGHT_PRESETS, KDWeights, kd_weights
 
@@ -90,6 +91,16 @@ class DistillArguments:
         default=None, metadata={"help": "TCD's teacher compresses with this method (default: the student's method)"}
     )
     teacher_method_options: str = field(default="{}", metadata={"help": "the teacher method's options as JSON"})
+    later_stages: str = field(
+        default="",
+        metadata={
+            "help": "later pruning stages after layer K, e.g. 15:0.5 (at layer 15 drop half of what K kept); they "
+            "follow the schedule's ratio at K (TCD and SFT; not LCD, whose K moves)"
+        },
+    )
+    teacher_later_stages: str | None = field(
+        default=None, metadata={"help": "the TCD teacher's later stages (default: the student's; '' for none)"}
+    )
     layer: int = field(
         default=2, metadata={"help": "K: the compression layer (0: before the LLM; the end layer of LCD)"}
     )
@@ -152,6 +163,11 @@ class DistillArguments:
         if not isinstance(options, dict):
             raise ValueError(f"method options must be a JSON object, got {text!r}")
         return options
+
+    def later_stage_pairs(self, teacher: bool = False) -> tuple[tuple[int, float], ...]:
+        """The student's (or the TCD teacher's) later pruning stages as (layer, dropped fraction) pairs."""
+        text = self.teacher_later_stages if teacher and self.teacher_later_stages is not None else self.later_stages
+        return tuple(parse_later_stages(text))
 
     def loss_weights(self) -> KDWeights:
         """LLaVA-KD's a, b, c: the preset with any weight overridden."""

@@ -13,6 +13,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from epic.compat import set_attention_implementation, whole_parameters
 from epic.compression import Budget, build_method
 from epic.compression.registry import check_stage
+from epic.compression.stages import check_stages, staged
 from epic.data.dataset import LlavaDataset, collate, image_token_count
 from epic.data.shapes import SynthConfig, vocabulary_texts, write_synthetic
 from epic.data.templates import get_template
@@ -98,6 +99,7 @@ def build_curriculum(args: DistillArguments, num_layers: int, image_tokens: int)
         if training_mode(args.mode).step != "consistency":
             raise ValueError(f"teacher_method is the TCD/LCD teacher's method; mode {args.mode!r} has no such teacher")
         check_stage(build_method(args.teacher_method, **args.options(args.teacher_method_options)), args.layer)
+    check_later_stages(args, num_layers)
     if args.tokens is not None or args.ratio is not None:
         budget = Budget(tokens=args.tokens, ratio=args.ratio)
         target = 1.0 - budget.resolve(image_tokens) / image_tokens
@@ -125,6 +127,19 @@ def build_curriculum(args: DistillArguments, num_layers: int, image_tokens: int)
             num_layers, args.layer, args.lcd_start_layer, args.lcd_gap_layers_max, hold=args.schedule_hold
         )
     return Curriculum(args.mode, num_layers, args.layer, target, tokens, layers)
+
+
+def check_later_stages(args: DistillArguments, num_layers: int) -> None:
+    """Later stages only where K is fixed, after K, at increasing layers of the model (raises before any compute)."""
+    mode = training_mode(args.mode)
+    if args.teacher_later_stages is not None and mode.step != "consistency":
+        raise ValueError(f"teacher_later_stages is the TCD teacher's; mode {args.mode!r} has no such teacher")
+    for teacher in (False, True):
+        later = args.later_stage_pairs(teacher)
+        if later and mode.layer_schedule:
+            raise ValueError(f"later_stages follow a fixed layer K; mode {args.mode!r} moves K (LCD): drop them")
+        if later:
+            check_stages(staged(args.layer, 0.0, later), num_layers)
 
 
 def check_kd_options(model_args: ModelArguments, args: DistillArguments, student_image_tokens: int) -> None:
@@ -157,13 +172,15 @@ def build_step(
     device: torch.device,
 ) -> TrainingStep:
     """The training step the mode runs; the kd step loads its teacher (`vocab_size`: the tokenizer's length)."""
-    compressor = Compressor(args.method, args.options())
+    compressor = Compressor(args.method, args.options(), args.later_stage_pairs())
     if kind == "sft":
         return SftStep(compressor)
     if kind == "consistency":
         teacher = None
-        if args.teacher_method is not None:
-            teacher = Compressor(args.teacher_method, args.options(args.teacher_method_options))
+        if args.teacher_method is not None or args.teacher_later_stages is not None:
+            method = args.method if args.teacher_method is None else args.teacher_method
+            options = args.options() if args.teacher_method is None else args.options(args.teacher_method_options)
+            teacher = Compressor(method, options, args.later_stage_pairs(teacher=True))
         return ConsistencyStep(compressor, args.kd_alpha, args.temperature, teacher)
     teacher = load_teacher(model_args.teacher, model_args.teacher_dtype, model_args.attn_implementation, device)
     return KDStep(teacher, args.loss_weights(), vocab_size, compressor)

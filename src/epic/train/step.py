@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from epic.compression import Compression, compress
+from epic.compression.stages import staged
 from epic.distill import StepPlan, distilled_positions
 from epic.distill.modes import StepKind
 
@@ -85,18 +86,21 @@ class Compressor:
 
     method: str
     options: dict[str, Any] = field(default_factory=dict)
+    later_stages: tuple[tuple[int, float], ...] = ()  # (layer, fraction of the stage before's kept tokens dropped)
 
     def attach(
         self, llava: nn.Module, ratio: float, layer: int, seed: int, for_consistency: bool = False
     ) -> Compression:
-        """The method at `ratio` before decoder layer `layer`. For the consistency student (`for_consistency`) it
-        records what enters that layer (the teacher resumes from there) and runs the last layer's MLP at the
-        supervised positions only (the only logits it uses)."""
+        """The method at `ratio` before decoder layer `layer`, then at each later stage. For the consistency student
+        (`for_consistency`) it records what enters that layer (the teacher resumes from there) and runs the last
+        layer's MLP at the supervised positions only (the only logits it uses)."""
+        where: dict[str, Any] = {"ratio": ratio, "layer": layer}
+        if self.later_stages:
+            where = {"stages": staged(layer, ratio, self.later_stages)}
         return compress(
             llava,
             self.method,
-            ratio=ratio,
-            layer=layer,
+            **where,
             seed=seed,
             record_prefix=for_consistency,
             trim_last_layer=for_consistency,

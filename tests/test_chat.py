@@ -250,7 +250,10 @@ def test_commands_change_settings_and_start_over(tiny):
         ("/tokens 65", "budget of 65 visual tokens is larger than the image (64 visual tokens)"),
         ("/tokens many", "/tokens takes a whole number"),
         ("/tokens", "/tokens needs a value"),
-        ("/method magic", "unknown method 'magic'; choose one of dart, dart_pre, divprune, fastv, pdrop, random, none"),
+        (
+            "/method magic",
+            "unknown method 'magic'; choose one of dart, dart_pre, divprune, fastv, pdrop, random, visionzip, none",
+        ),
         ("/image missing.png", "image file not found: missing.png"),
         ("/image {folder}/notes.png", "notes.png is not an image in a format Pillow can read"),
         ("/frobnicate", "unknown command '/frobnicate'"),

@@ -173,8 +173,8 @@ def test_version_and_defaults_in_help(capsys, monkeypatch):
         main(["eval", "--help"])
     listed = " ".join(capsys.readouterr().out.split())
     for shown in (
-        "--method METHOD compression method (dart, dart_pre, divprune, fastv, pdrop, random), or none for every "
-        "visual token (default: dart)",
+        "--method METHOD compression method (dart, dart_pre, divprune, fastv, pdrop, random, visionzip), or none "
+        "for every visual token (default: dart)",
         "--layer LAYER K, the first decoder layer that sees only the kept tokens (0: before the LLM) (default: 2)",
         "--ratio RATIO instead of --tokens",
         "--out OUT folder for predictions, metrics and the grid (default: epic-out/eval)",
@@ -246,7 +246,7 @@ def test_method_names_in_help_and_checks_come_from_the_registry(monkeypatch, cap
         with pytest.raises(SystemExit):
             main([command, "--help"])
         listed = " ".join(capsys.readouterr().out.split())
-        assert "dart, dart_pre, divprune, fastv, keepfirst, pdrop, random" in listed, command
+        assert "dart, dart_pre, divprune, fastv, keepfirst, pdrop, random, visionzip" in listed, command
     settings, words = compression_of("keepfirst", 4, None, 2, 64)
     assert settings.method == "keepfirst" and words.startswith("keepfirst, 4 of 64")
     with pytest.raises(

@@ -13,7 +13,7 @@ def test_evaluation_grid_headline_budgets_for_later_seeds_and_the_controls(tmp_p
     models = {"stage1": tmp_path / "s1", "sft": tmp_path / "sft", "tcd": tmp_path / "tcd", "tcd-seed2": tmp_path / "t2"}
     jobs = {job.name: job for job in eval_jobs(config, tmp_path / "data", tmp_path, models)}
     assert list(jobs) == ["eval-stage1", "eval-sft", "eval-tcd", "eval-tcd-seed2", "eval-stage1-own", "eval-sft-blank"]
-    assert option(jobs["eval-tcd"], "--methods") == "dart,fastv,random,divprune@0,dart_pre@0"
+    assert option(jobs["eval-tcd"], "--methods") == "dart,fastv,random,pdrop,divprune@0,dart_pre@0,visionzip@0"
     assert option(jobs["eval-tcd"], "--tokens") == ",".join(str(b) for b in config.budgets)
     headline = [config.image_tokens, *config.headline_budgets]
     assert option(jobs["eval-tcd-seed2"], "--tokens") == ",".join(str(b) for b in headline)

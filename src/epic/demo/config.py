@@ -80,7 +80,7 @@ class DemoConfig:
     hold: float = 0.3  # TCD and LCD reach the target budget / layer at 1 - hold of stage 2 and train there after
     tcd_r_max_start: float | None = 0.3  # TCD's student ratio starts in [0.1, this], ends at the target (None: preset)
     # evaluated (name@K: at layer K instead of `layer`; 0: before the LLM)
-    methods: tuple[str, ...] = ("dart", "fastv", "random", "divprune@0", "dart_pre@0")
+    methods: tuple[str, ...] = ("dart", "fastv", "random", "pdrop", "divprune@0", "dart_pre@0", "visionzip@0")
     train_method: str = "dart"
     workers: int = 2  # processes, one thread each
     eval_batch_size: int = 64

@@ -11,8 +11,8 @@ import torch
 import epic
 from epic.compat import Layout, cache_length
 from epic.compression import Budget, Stage, parse_stages
-from epic.compression.stages import parse_later_stages, staged
 from epic.compression.methods.pdrop import PDrop
+from epic.compression.stages import parse_later_stages, staged
 from epic.models.tiny import TinyLlavaSpec, build_tiny_llava
 from tests.helpers import Row, assert_matches_masked_reference, make_batch
 

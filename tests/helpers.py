@@ -241,3 +241,59 @@ def save_tiny_parts(folder, texts: list[str], llm_layers: int = 3) -> dict[str, 
         "llm_model": llm,
         "projector_weights": projector,
     }
+
+
+@dataclass(frozen=True)
+class GridRow:
+    """One Qwen-VL sample: text, images of the given (h, w) patch grids (each wrapped in vision start/end), more
+    text, then an answer."""
+
+    grids: tuple[tuple[int, int], ...] = ((4, 4),)
+    before: int = 4
+    after: int = 6
+    answer: int = 3
+
+
+def make_grid_batch(
+    model, rows: list[GridRow], padding_side: str = "right", seed: int = 0, labels: bool = True
+) -> dict[str, torch.Tensor]:
+    """A Qwen2-VL / Qwen2.5-VL batch: token ids, 2D mask, `mm_token_type_ids`, labels, flattened patches and
+    `image_grid_thw` (one frame per image; an image of h x w patches has h * w / 4 tokens)."""
+    config = model.config
+    vision = config.vision_config
+    generator = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(3, config.image_token_id - 3, (n,), generator=generator)  # noqa: E731
+    sequences, supervised, grids = [], [], []
+    for row in rows:
+        parts = [torch.tensor([BOS_ID]), text(row.before)]
+        for h, w in row.grids:
+            tokens = h * w // vision.spatial_merge_size**2
+            parts += [torch.tensor([config.vision_start_token_id]), torch.full((tokens,), config.image_token_id)]
+            parts.append(torch.tensor([config.vision_end_token_id]))
+            grids.append([1, h, w])
+        prompt = torch.cat([*parts, text(row.after)])
+        answer = text(row.answer) if labels else torch.empty(0, dtype=torch.long)
+        sequences.append(torch.cat([prompt, answer]))
+        supervised.append(torch.cat([torch.zeros(len(prompt)), torch.ones(len(answer))]).bool())
+    length = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(rows), length), PAD_ID)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    label_ids = torch.full((len(rows), length), -100)
+    for i, (seq, sup) in enumerate(zip(sequences, supervised, strict=True)):
+        span = slice(0, len(seq)) if padding_side == "right" else slice(length - len(seq), length)
+        input_ids[i, span] = seq
+        attention_mask[i, span] = 1
+        label_ids[i, span] = torch.where(sup, seq, -100)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": (input_ids == config.image_token_id).long(),
+    }
+    if grids:
+        grid = torch.tensor(grids)
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        batch["pixel_values"] = torch.randn(int(grid.prod(dim=-1).sum()), patch, generator=generator)
+        batch["image_grid_thw"] = grid
+    if labels:
+        batch["labels"] = label_ids
+    return batch

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epic.compression.batch import count_images, last_true, prompt_ends, read_layout
+from epic.compression.batch import last_true, prompt_ends, read_layout
+from epic.compression.families import count_images
 from epic.labels import IGNORE_INDEX
 
 X = IGNORE_INDEX  # an unsupervised label
@@ -24,7 +25,7 @@ def test_prompt_ends_before_the_first_label_else_at_the_first_wanted_logit_else_
 def test_layout_splits_each_rows_images_and_finds_the_prompt_text():
     image_mask = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 0, 1, 1, 0]]).bool()
     valid = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]]).bool()
-    layout = read_layout(image_mask, valid, n_images=4, prompt_end=torch.tensor([6, 7]))
+    layout = read_layout(image_mask, valid, [2, 2, 2, 2], prompt_end=torch.tensor([6, 7]))
     assert layout.tokens_per_image == 2
     assert [[image.tolist() for image in row] for row in layout.images] == [[[1, 2], [3, 4]], [[2, 3], [5, 6]]]
     assert [text.tolist() for text in layout.text_positions] == [[0, 5], [0, 1, 4]]
@@ -32,17 +33,26 @@ def test_layout_splits_each_rows_images_and_finds_the_prompt_text():
 
 
 @pytest.mark.parametrize(
-    ("image_mask", "n_images", "prompt_end", "message"),
+    ("image_mask", "sizes", "prompt_end", "message"),
     [
-        ([[0, 1, 1, 1, 0, 0]], 2, [5], "3 image tokens for 2 image"),
-        ([[0, 1, 1, 0, 0, 0]], 1, [2], "image tokens after its first supervised label"),
-        ([[0, 1, 1, 0, 0, 0]], 1, [0], "row 0 has no prompt"),
+        ([[0, 1, 1, 1, 0, 0]], [2, 2], [5], r"3 image tokens for 2 image\(s\) of \[2, 2\] tokens"),
+        ([[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0]], [1, 2, 2], [5, 5], r"row 0 holds 2 image tokens, not whole images"),
+        ([[0, 1, 1, 0, 0, 0]], [2], [2], "image tokens after its first supervised label"),
+        ([[0, 1, 1, 0, 0, 0]], [2], [0], "row 0 has no prompt"),
     ],
 )
-def test_layout_refuses_what_does_not_add_up(image_mask, n_images, prompt_end, message):
+def test_layout_refuses_what_does_not_add_up(image_mask, sizes, prompt_end, message):
     image_mask = torch.tensor(image_mask).bool()
     with pytest.raises(ValueError, match=message):
-        read_layout(image_mask, torch.ones_like(image_mask), n_images, torch.tensor(prompt_end))
+        read_layout(image_mask, torch.ones_like(image_mask), sizes, torch.tensor(prompt_end))
+
+
+def test_layout_splits_images_of_different_sizes_in_order():
+    image_mask = torch.tensor([[0, 1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0, 0]]).bool()
+    layout = read_layout(image_mask, torch.ones_like(image_mask), [3, 2, 2], prompt_end=torch.tensor([7, 7]))
+    assert [[image.tolist() for image in row] for row in layout.images] == [[[1, 2, 3], [4, 5]], [[0, 1]]]
+    assert layout.image_sizes == [[3, 2], [2]]
+    assert layout.tokens_per_image is None
 
 
 def test_images_are_counted_from_pixel_values_and_refused_in_other_shapes():

@@ -33,7 +33,7 @@ def test_scores_are_the_last_prompt_tokens_attention_row_over_the_prompt():
 def test_selection_keeps_each_images_budget_and_never_drops_the_last_prompt_token():
     image_mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]).bool()  # row 1 ends with its image
     valid = torch.ones_like(image_mask)
-    layout = read_layout(image_mask, valid, n_images=2, prompt_end=torch.tensor([6, 6]))
+    layout = read_layout(image_mask, valid, [4, 4], prompt_end=torch.tensor([6, 6]))
     attention = torch.tensor([[0.0, 0.1, 0.4, 0.3, 0.2, 0.0], [0.0, 0.0, 0.5, 0.4, 0.1, 0.0]])
     scores = Scores(attention=attention, key_norms=torch.ones(2, 6))
     keep, kept, _ = select_kept(FastV(), Budget(tokens=2), layout, scores, None, torch.Generator(), torch.device("cpu"))

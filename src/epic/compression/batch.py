@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from epic.compression.families import Family
 from epic.labels import IGNORE_INDEX
 
 
@@ -25,8 +26,14 @@ class BatchLayout:
     images: list[list[torch.Tensor]]  # per row, per image: its input positions [n]
     prompt_last: torch.Tensor  # [B] index of the last prompt token
     text_positions: list[torch.Tensor]  # per row: the prompt's text positions [t]
-    tokens_per_image: int  # n, the same for every image of the batch
+    image_sizes: list[list[int]]  # per row, per image: its token count in the input (what budgets resolve against)
     slots: torch.Tensor | None = None  # [B, L] False at an earlier stage's filler slots (None: input coordinates)
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        """The token count every image of the batch has, or None when they differ (dynamic resolution)."""
+        sizes = {size for row in self.image_sizes for size in row}
+        return sizes.pop() if len(sizes) == 1 else None
 
 
 def last_true(mask: torch.Tensor) -> torch.Tensor:
@@ -54,24 +61,8 @@ def prompt_ends(
     return whole_input
 
 
-def count_images(inputs: dict[str, Any]) -> int:
-    """How many images a forward's inputs carry: `pixel_values` ([images, 3, H, W]) or precomputed features."""
-    pixel_values = inputs.get("pixel_values")
-    if pixel_values is not None:
-        if pixel_values.dim() != 4:
-            raise ValueError(
-                f"epic.compress supports one [3, H, W] tensor per image (pixel_values of shape "
-                f"[images, 3, H, W]); got shape {tuple(pixel_values.shape)}"
-            )
-        return pixel_values.shape[0]
-    encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
-    if encoded is not None:
-        return len(encoded.pooler_output)
-    raise ValueError("input_ids contain image tokens but neither pixel_values nor mm_encoder_outputs were given")
-
-
 def read_prefill(
-    inputs: dict[str, Any], image_token_id: int
+    inputs: dict[str, Any], family: Family
 ) -> tuple[BatchLayout, torch.Tensor | None, torch.Tensor | None]:
     """Read a prefill or training forward with images: its layout, the labels taken out of `inputs` (the engine
     computes the loss over the kept sequence) and the boolean `logits_to_keep` ([B, L], or None).
@@ -95,44 +86,52 @@ def read_prefill(
         raise ValueError("a boolean logits_to_keep must be [batch, length] like input_ids and comes without labels")
     else:
         inputs["logits_to_keep"] = 0
-    image_mask = input_ids == image_token_id
-    layout = read_layout(image_mask, valid, count_images(inputs), prompt_ends(valid, labels, logits_mask))
+    image_mask = input_ids == family.image_token_id
+    sizes = family.image_sizes(inputs, int(image_mask.sum()))
+    layout = read_layout(image_mask, valid, sizes, prompt_ends(valid, labels, logits_mask))
     return layout, labels, logits_mask
 
 
-def read_layout(image_mask: torch.Tensor, valid: torch.Tensor, n_images: int, prompt_end: torch.Tensor) -> BatchLayout:
+def read_layout(
+    image_mask: torch.Tensor, valid: torch.Tensor, sizes: list[int], prompt_end: torch.Tensor
+) -> BatchLayout:
     """Split each row's image tokens into whole images and find its prompt text; every image must sit in the prompt.
 
     Args:
         image_mask: [B, L] bool, True at image tokens.
         valid: [B, L] bool, True at real tokens.
-        n_images: the images of the whole batch (every image has the same number of tokens).
+        sizes: the token count of every image of the batch, in order (row by row, left to right).
         prompt_end: [B] from `prompt_ends`.
     """
     batch_size, length = image_mask.shape
     total = int(image_mask.sum())
-    if n_images == 0 or total % n_images:
+    if sum(sizes) != total or not all(size > 0 for size in sizes):
         raise ValueError(
-            f"input_ids hold {total} image tokens for {n_images} image(s): the image-token count does "
-            "not match the images"
+            f"input_ids hold {total} image tokens for {len(sizes)} image(s) of {sizes} tokens: the image-token count "
+            "does not match the images"
         )
-    per_image = total // n_images
     prompt_last = prompt_end - 1
     positions = torch.arange(length, device=image_mask.device)
-    images, text_positions = [], []
+    remaining = iter(sizes)
+    images, image_sizes, text_positions = [], [], []
     for row in range(batch_size):
         if not valid[row].any() or prompt_last[row] < 0:
             raise ValueError(f"row {row} has no prompt (no real token before its first supervised label)")
         row_images = image_mask[row].nonzero().squeeze(1)
-        if row_images.numel() % per_image:
+        row_sizes, count = [], 0
+        while count < row_images.numel():
+            row_sizes.append(next(remaining, row_images.numel()))
+            count += row_sizes[-1]
+        if count != row_images.numel():
             raise ValueError(
-                f"row {row} holds {row_images.numel()} image tokens, not a multiple of the {per_image} tokens per image"
+                f"row {row} holds {row_images.numel()} image tokens, not whole images of {row_sizes} tokens"
             )
         if row_images.numel() and row_images.max() > prompt_last[row]:
             raise ValueError(
                 f"row {row} has image tokens after its first supervised label; images must sit in the prompt"
             )
-        images.append(list(row_images.split(per_image)) if row_images.numel() else [])
+        images.append(list(row_images.split(row_sizes)) if row_images.numel() else [])
+        image_sizes.append(row_sizes)
         in_prompt = valid[row] & ~image_mask[row] & (positions <= prompt_last[row])
         text_positions.append(in_prompt.nonzero().squeeze(1))
-    return BatchLayout(valid, image_mask, images, prompt_last, text_positions, per_image)
+    return BatchLayout(valid, image_mask, images, prompt_last, text_positions, image_sizes)

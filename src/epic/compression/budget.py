@@ -28,9 +28,12 @@ class Budget:
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must lie in [0, 1), got {self.ratio!r}")
 
-    def resolve(self, image_tokens: int) -> int:
-        """The exact number of tokens to keep from an image of `image_tokens` visual tokens."""
+    def resolve(self, image_tokens: int, cap: bool = False) -> int:
+        """The exact number of tokens to keep from an image of `image_tokens` visual tokens; with `cap` (images of
+        different sizes), an exact count larger than the image keeps the whole image instead of failing."""
         tokens = self.tokens if self.tokens is not None else round(image_tokens * (1.0 - self.ratio))
+        if cap:
+            return min(tokens, image_tokens)
         if tokens > image_tokens:
             raise ValueError(
                 f"budget of {tokens} visual tokens is larger than the image ({image_tokens} visual tokens)"

@@ -51,13 +51,16 @@ class CacheRecord:
         Args:
             step_mask: [B, kv + q] the step's 2D attention mask (what `generate` passes); only its last q columns, the
                 new tokens', are read, so a mask as wide as the compressed cache (layer 0's, when K = 0) serves too.
-            position_ids: [1 or B, q] the new tokens' positions. `layers` are the stages' first layers (checked).
+            position_ids: [1 or B, q] the new tokens' positions (None: counted in sequence order). `layers` are the
+                stages' first layers (checked).
         Returns None when the prefill had no image (every layer holds the full cache).
         """
         self.decoded += query_length
         if self.attention_masks is None:
             return None
         new_mask = step_mask[:, -query_length:].bool()
+        if position_ids is None:  # the family's layers take none (Qwen2-VL): slots count in sequence order
+            position_ids = torch.arange(self.seen - query_length, self.seen, device=new_mask.device)[None]
         step_positions = position_ids.expand(new_mask.shape[0], -1)
         plans = []
         for mask, positions, layer in zip(self.attention_masks, self.slot_positions, layers, strict=True):

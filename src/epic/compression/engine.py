@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,6 +57,7 @@ from epic.compression.attention import ScoringRoute
 from epic.compression.batch import read_prefill
 from epic.compression.budget import configured_image_tokens
 from epic.compression.decoding import CacheRecord, check_decoding
+from epic.compression.families import Family
 from epic.compression.forward import ForwardState
 from epic.compression.planning import (
     Plan,
@@ -84,7 +86,9 @@ class Compression:
         kept: per row, the input positions of the visual tokens kept past the last stage (sorted LongTensor).
         stage_kept: per stage, per row, the input positions that stage kept (`stage_kept[-1]` is `kept`).
         original_positions: [B, L'] input position of each slot of the compressed sequence (-1 at filler).
-        tokens_per_image: visual tokens per image seen in the last forward.
+        tokens_per_image: visual tokens per image seen in the last forward (None when images differ in size).
+        image_sizes: per row, per image, its visual tokens in the last forward (dynamic resolution: they differ; an
+            exact `tokens=` budget keeps a whole image that has fewer).
         scoring_seconds: wall time spent scoring and selecting (synchronised on GPU when `profile=True`).
         prefix: what entered `layer` in the last forward with images (with `record_prefix=True`), for `run_suffix`.
         stages: the stages (layer, budget) it prunes at; `layer` and `budget` are the first stage's.
@@ -118,12 +122,15 @@ class Compression:
             index: sum(index >= start for start in self._stage_layers) - 1 for index in range(self.layer, len(layers))
         }
         self.profile = profile
-        self.image_token_id = model.config.image_token_id
+        self.family = Family.of(model)  # where its image tokens are (an unknown family fails here)
+        self.image_token_id = self.family.image_token_id
         self.generator = torch.Generator().manual_seed(seed)
         self.kept: list[torch.Tensor] | None = None
         self.stage_kept: list[list[torch.Tensor]] | None = None
         self.original_positions: torch.Tensor | None = None
         self.tokens_per_image: int | None = None
+        self.image_sizes: list[list[int]] | None = None
+        self._told_capped = False
         self.scoring_seconds = 0.0
         self.record_prefix = record_prefix
         self.prefix: Prefix | None = None
@@ -147,11 +154,13 @@ class Compression:
         configured = configured_image_tokens(model.config)
         if configured is not None:  # fail at attach time when the config already tells the budget cannot fit
             stage_budgets(self.stages, configured)
+        self._scoring: dict[int, ScoringRoute] = {}  # stage -> the attention module it scores with
+        # the last thing that can refuse (the vision tower's layout), before any hook of this handle is attached
+        self._vision = VisionTap(model, lambda: self._paused, self._timed) if needs_vision(self.method) else None
         self._handles.append(model.register_forward_pre_hook(self._before_model, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._after_model, with_kwargs=True))
         self._handles.append(model.get_output_embeddings().register_forward_pre_hook(self._before_lm_head))
         own_scores = scores_own_layer(self.method)
-        self._scoring: dict[int, ScoringRoute] = {}  # stage -> the attention module it scores with
         for stage, start in enumerate(self._stage_layers):
             # stage 0's scores also serve a teacher; an own-layer method (PDrop) scores in its stage layer's pre-hook
             if start > 0 and not own_scores and (stage == 0 or needs_scores(self.method)):
@@ -163,7 +172,6 @@ class Compression:
             self._handles.append(layers[index].register_forward_pre_hook(hook, with_kwargs=True))
         if trim_last_layer:
             self._handles += mlp_at_rows(last_mlp, lambda: None if self._paused else self._mlp_rows)
-        self._vision = VisionTap(model, lambda: self._paused, self._timed) if needs_vision(self.method) else None
         self._planner = StagePlanner(
             self.method,
             self.stages,
@@ -174,6 +182,7 @@ class Compression:
             self.generator,
             self._vision,
             self._timed,
+            cap_budgets=self.family.dynamic,
         )
 
     # ----------------------------------------------------------------------------------------- life cycle
@@ -273,6 +282,11 @@ class Compression:
             if mask is None:
                 mask = torch.ones((batch_size, seen + query_length), dtype=torch.bool, device=input_ids.device)
             if self.layer == 0 and inputs.get("position_ids") is None:  # the model would count the shorter cache
+                if self.family.dynamic:
+                    raise ValueError(
+                        f"decoding {self.family.model_type}'s cache compressed before the LLM needs position_ids "
+                        "(generate passes them): its M-RoPE positions cannot be counted from the shorter cache"
+                    )
                 steps = torch.arange(seen, seen + query_length, device=input_ids.device)
                 inputs["position_ids"] = steps.expand(batch_size, -1)
             self._forward = ForwardState(decode_mask=mask)
@@ -285,9 +299,20 @@ class Compression:
             self._cache_record = None
             self._forward = ForwardState()
             return (), inputs
-        layout, labels, logits_mask = read_prefill(inputs, self.image_token_id)
+        layout, labels, logits_mask = read_prefill(inputs, self.family)
         self.tokens_per_image = layout.tokens_per_image
-        stage_budgets(self.stages, layout.tokens_per_image)
+        self.image_sizes = layout.image_sizes
+        sizes = sorted({size for row in layout.image_sizes for size in row})
+        for size in sizes:
+            stage_budgets(self.stages, size, cap=self.family.dynamic)
+        exact = [stage.budget.tokens for stage in self.stages if stage.budget.tokens is not None]
+        if self.family.dynamic and exact and sizes[0] < max(exact) and not self._told_capped:
+            self._told_capped = True  # once per handle
+            warnings.warn(
+                f"tokens={max(exact)} is more than some images have ({sizes[0]} visual tokens): those keep all "
+                "their tokens (an exact budget is capped per image; ratio= scales with each image)",
+                stacklevel=2,
+            )
         loss_kwargs = {key: inputs[key] for key in ("num_items_in_batch",) if key in inputs}
         self._forward = ForwardState(layout=layout, labels=labels, loss_kwargs=loss_kwargs, logits_mask=logits_mask)
         return (), inputs
@@ -390,9 +415,10 @@ class Compression:
         kwargs = {**kwargs, "attention_mask": plan.masks[self._layer_types[index]]}
         if cache is not None:
             check_mask_fits_cache(kwargs["attention_mask"], cache, hidden_states.shape[1], index)
-        if plan.position_ids is not None:
-            kwargs["position_ids"] = plan.position_ids
+        if plan.position_embeddings is not None:  # a prefill (a decoding step's stock ones are right)
             kwargs["position_embeddings"] = plan.position_embeddings
+            if plan.position_ids is not None:
+                kwargs["position_ids"] = plan.position_ids
         return (hidden_states, *args), kwargs
 
     def _new_plans(

@@ -36,7 +36,8 @@ class Plan:
     valid: torch.Tensor | None  # [B, L'] False at filler slots (None when decoding)
     attention_mask: torch.Tensor  # [B, kv'] 2D mask over every cache slot of the compressed layers
     slot_positions: torch.Tensor  # [B, kv'] original position of every cache slot (for sliding windows)
-    position_ids: torch.Tensor | None  # [B, L'] gathered; None when decoding (the stock ones are right)
+    position_ids: torch.Tensor | None  # [B, L'] gathered; None when decoding (the stock ones are right) or where the
+    # family's layers take none (Qwen2-VL: its M-RoPE positions live in the rotary tensors)
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # gathered rotary (cos, sin), [B, L', hd]
     logit_slots: torch.Tensor | None = None  # [B, L'] slots whose logits are wanted (a boolean logits_to_keep)
     masks: dict[str, Any] = field(default_factory=dict)  # attention type -> the mask its layers get
@@ -99,6 +100,7 @@ def select_kept(
     generator: torch.Generator,
     device: torch.device,
     vision: list[list[VisionImage]] | None = None,
+    cap_budgets: bool = False,
 ) -> Selected:
     """Run `method` on every image of every row.
 
@@ -107,7 +109,8 @@ def select_kept(
     the method does not need them); `vision` is, per row and image, what the vision tower saw (for a method that
     reads it). The selection runs on `device` (the hidden states') without gradients; a method that merges
     (`merge`) computes the new embeddings of some kept tokens with them. The budget counts tokens of the original
-    image (`layout.tokens_per_image`), also at a later stage, whose layout is in slot coordinates.
+    image (`layout.image_sizes`), also at a later stage, whose layout is in slot coordinates; `cap_budgets` keeps a
+    whole image whose size is below an exact budget (dynamic resolution).
     """
     keep = ~layout.image_mask.to(device)
     if layout.slots is not None:
@@ -117,11 +120,11 @@ def select_kept(
     for row, images in enumerate(layout.images):
         last = layout.prompt_last[row]
         row_kept = []
-        for index, positions in enumerate(images):
+        for index, (positions, size) in enumerate(zip(images, layout.image_sizes[row], strict=True)):
             positions = positions.to(device)
             forced = positions[positions == last]
             candidates = positions[positions != last]
-            share = max(budget.resolve(layout.tokens_per_image) - forced.numel(), 0)
+            share = max(budget.resolve(size, cap=cap_budgets) - forced.numel(), 0)
             image = ImageSelection(
                 positions=candidates,
                 budget=share,
@@ -172,7 +175,7 @@ def wanted_slots(wanted: torch.Tensor, gather_index: torch.Tensor, valid: torch.
 def gather_plan(
     keep: torch.Tensor,
     attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     logits_mask: torch.Tensor | None = None,
 ) -> Plan:
@@ -180,7 +183,8 @@ def gather_plan(
 
     Args:
         keep: [B, L] bool surviving positions; attention_mask: [B, L] bool real tokens.
-        position_ids: [1 or B, L] and position_embeddings: (cos, sin), each [1 or B, L, hd], as layer K received them.
+        position_ids: [1 or B, L] and position_embeddings: (cos, sin), each [1 or B, L, hd], as layer K received them
+            (position_ids None where the family's layers take none, as Qwen2-VL's: M-RoPE lives in the rotary).
         logits_mask: [B, L] bool positions whose logits are wanted, or None.
     """
     batch_size, length = keep.shape
@@ -188,14 +192,14 @@ def gather_plan(
     order = torch.argsort(keep.int(), dim=1, stable=True)  # dropped first, kept in input order last
     gather_index = order[:, length - kept_length :]  # [B, L']
     valid = keep.gather(1, gather_index)
-    gathered_ids = position_ids.expand(batch_size, -1).gather(1, gather_index)
+    gathered_ids = None if position_ids is None else position_ids.expand(batch_size, -1).gather(1, gather_index)
     cos, sin = position_embeddings
     rotary_index = gather_index[..., None].expand(-1, -1, cos.shape[-1])
     return Plan(
         gather_index=gather_index,
         valid=valid,
         attention_mask=valid & attention_mask.to(valid.device).gather(1, gather_index),
-        slot_positions=gathered_ids,
+        slot_positions=gather_index if gathered_ids is None else gathered_ids,
         position_ids=gathered_ids,
         position_embeddings=(
             cos.expand(batch_size, -1, -1).gather(1, rotary_index),
@@ -212,6 +216,7 @@ def next_stage_plan(previous: Plan, keep: torch.Tensor) -> Plan:
         keep, previous.attention_mask, previous.position_ids, previous.position_embeddings, previous.logit_slots
     )
     plan.step_index, plan.gather_index = plan.gather_index, previous.gather_index.gather(1, plan.gather_index)
+    plan.slot_positions = previous.slot_positions.gather(1, plan.step_index)
     return plan
 
 
@@ -235,7 +240,7 @@ def slot_layout(layout: BatchLayout, plan: Plan) -> BatchLayout:
         images=images,
         prompt_last=torch.stack(prompt_last),
         text_positions=text_positions,
-        tokens_per_image=layout.tokens_per_image,
+        image_sizes=layout.image_sizes,
         slots=valid,
     )
 

@@ -46,6 +46,7 @@ class StagePlanner:
     generator: torch.Generator
     vision: VisionTap | None
     timed: Callable[[], AbstractContextManager]
+    cap_budgets: bool = False  # images differ in size: an exact budget keeps a smaller image whole
 
     @property
     def stage_layers(self) -> list[int]:
@@ -92,7 +93,8 @@ class StagePlanner:
     ) -> list[Plan] | None:
         """Every stage's plan of a decoding step over the compressed cache (None: the prefill had no image)."""
         query_length = hidden_states.shape[1]
-        plans = record.step_plans(forward.decode_mask, kwargs["position_ids"], query_length, cache, self.stage_layers)
+        positions = kwargs.get("position_ids")
+        plans = record.step_plans(forward.decode_mask, positions, query_length, cache, self.stage_layers)
         for stage, plan in enumerate(plans or []):
             self.build_masks(plan, stage, query_length, hidden_states, cache)
         return plans
@@ -123,12 +125,12 @@ class StagePlanner:
                 self.generator,
                 hidden_states.device,
                 None if vision is None else vision.images(layout, hidden_states),
+                self.cap_budgets,
             )
         forward.scores = None  # consumed: a later stage scores again
         if previous is None:
-            plan = gather_plan(
-                keep, layout.attention_mask, kwargs["position_ids"], kwargs["position_embeddings"], forward.logits_mask
-            )
+            positions, rotary = kwargs.get("position_ids"), kwargs["position_embeddings"]
+            plan = gather_plan(keep, layout.attention_mask, positions, rotary, forward.logits_mask)
             plan.merged = merged
         else:  # `kept` are slots of the previous stage's sequence: report them as input positions
             sources = previous.gather_index.cpu()

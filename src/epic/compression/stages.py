@@ -61,10 +61,11 @@ def check_stages(stages: Sequence[Stage], num_layers: int) -> list[Stage]:
     return stages
 
 
-def stage_budgets(stages: Sequence[Stage], image_tokens: int) -> list[int]:
-    """Each stage's kept tokens for an image of `image_tokens`, refused in one line where a stage would keep more
-    than the one before it (a later stage selects from what the earlier kept)."""
-    kept = [stage.budget.resolve(image_tokens) for stage in stages]
+def stage_budgets(stages: Sequence[Stage], image_tokens: int, cap: bool = False) -> list[int]:
+    """Each stage's kept tokens for an image of `image_tokens` (`cap`: an exact budget above it keeps it whole),
+    refused in one line where a stage would keep more than the one before it (a later stage selects from what
+    the earlier kept)."""
+    kept = [stage.budget.resolve(image_tokens, cap=cap) for stage in stages]
     if any(later > earlier for earlier, later in pairwise(kept)):
         described = ", ".join(f"layer {stage.layer}: {tokens}" for stage, tokens in zip(stages, kept, strict=True))
         raise ValueError(f"compression stages must not keep more tokens than the stage before ({described})")

@@ -100,3 +100,69 @@ def build_tiny_llava(
     if spec.position_code_scale > 0:
         init_position_codes(model, spec.position_code_scale)
     return model.to(dtype).eval()
+
+
+QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def build_tiny_qwen_vl(
+    family: str = "qwen2_vl",
+    spec: TinyLlavaSpec | None = None,
+    *,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+):
+    """A Qwen2-VL or Qwen2.5-VL model with random weights drawn from `seed`: `spec`'s decoder (M-RoPE over its head
+    dimension), a two-block vision tower of patch `spec.patch_size` merging 2 x 2 patches into one token, so an
+    image of H x W pixels has (H / patch / 2) * (W / patch / 2) visual tokens (dynamic resolution)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if family not in QWEN_VL_FAMILIES:
+        raise ValueError(f"unknown Qwen-VL family {family!r}; choose one of {QWEN_VL_FAMILIES}")
+    spec = spec or TinyLlavaSpec()
+    head_dim = spec.hidden_size // spec.num_heads
+    rotary = head_dim // 2  # M-RoPE splits the rotary frequencies into (t, h, w) sections
+    section = [rotary - 2 * (rotary // 3), rotary // 3, rotary // 3]
+    vision = {
+        "depth": 2,
+        "hidden_size": spec.vision_hidden_size,
+        "num_heads": spec.vision_heads,
+        "patch_size": spec.patch_size,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    if family == "qwen2_vl":
+        vision.update(embed_dim=spec.vision_hidden_size, hidden_size=spec.hidden_size, mlp_ratio=2)
+    else:
+        vision.update(out_hidden_size=spec.hidden_size, intermediate_size=2 * spec.vision_hidden_size)
+        vision.update(window_size=4 * spec.patch_size, fullatt_block_indexes=[1])
+    config = AutoConfig.for_model(
+        family,
+        text_config={
+            "vocab_size": spec.vocab_size,
+            "hidden_size": spec.hidden_size,
+            "intermediate_size": spec.intermediate_size,
+            "num_hidden_layers": spec.num_layers,
+            "num_attention_heads": spec.num_heads,
+            "num_key_value_heads": spec.num_kv_heads,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "rope_scaling": {"type": "mrope", "mrope_section": section},
+            "pad_token_id": spec.pad_token_id,
+            "bos_token_id": spec.bos_token_id,
+            "eos_token_id": spec.eos_token_id,
+            "tie_word_embeddings": False,
+        },
+        vision_config=vision,
+        image_token_id=spec.image_token_id,
+        video_token_id=spec.image_token_id - 1,
+        vision_start_token_id=spec.image_token_id - 2,
+        vision_end_token_id=spec.image_token_id - 3,
+        tie_word_embeddings=False,
+    )
+    set_attention_implementation(config, attn_implementation)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config)
+    return model.to(dtype).eval()

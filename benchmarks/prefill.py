@@ -8,6 +8,7 @@ scoring and selecting as a share of prefill.
 
     OMP_NUM_THREADS=1 python benchmarks/prefill.py                 # CPU, tiny-but-wide model, 576 visual tokens
     python benchmarks/prefill.py --preset llava-7b --device cuda --dtype bfloat16 --attn sdpa
+    OMP_NUM_THREADS=1 python benchmarks/prefill.py --family qwen2_5_vl --grid 72x72 --budgets 1296,144   # M-RoPE
 
 By default every registered method runs at --layer and, where it needs no layer K-1 scores, before the LLM too
 (`name@0`); the speed-ups are printed both ways, ideal (1 / FLOPs ratio) and measured (1 / time ratio).
@@ -28,7 +29,7 @@ from epic.compression.registry import method_spec, method_stages
 from epic.eval.bench import synthetic_prompt, timed_prefill
 from epic.eval.cost import DecoderShape, prefill_macs
 from epic.models.presets import PRESETS
-from epic.models.tiny import build_tiny_llava
+from epic.models.tiny import QWEN_VL_FAMILIES, build_tiny_llava, build_tiny_qwen_vl
 
 
 def measure(model, inputs, method: str, tokens: int, layer: int, repeats: int) -> dict[str, float]:
@@ -50,6 +51,8 @@ def measure(model, inputs, method: str, tokens: int, layer: int, repeats: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(set(PRESETS) - {"tiny"}), default="cpu-wide")
+    parser.add_argument("--family", choices=["llava", *QWEN_VL_FAMILIES], default="llava")
+    parser.add_argument("--grid", default="72x72", help="Qwen-VL: the image's patch grid (72x72: 1296 tokens)")
     parser.add_argument("--layers", type=int, help="override the number of decoder layers")
     parser.add_argument("--methods", help="comma-separated, name@K at layer K (default: every method and stage)")
     parser.add_argument("--budgets", default="576,192,128,64,36")
@@ -66,8 +69,14 @@ def main() -> None:
     spec = PRESETS[args.preset]
     if args.layers:
         spec = replace(spec, num_layers=args.layers)
-    model = build_tiny_llava(spec, attn_implementation=args.attn, dtype=getattr(torch, args.dtype)).to(args.device)
-    inputs = synthetic_prompt(model, args.text_tokens, args.batch)
+    dtype, grid = getattr(torch, args.dtype), tuple(int(side) for side in args.grid.split("x"))
+    if args.family == "llava":
+        model = build_tiny_llava(spec, attn_implementation=args.attn, dtype=dtype).to(args.device)
+    else:  # the preset's decoder, a tiny tower of 2 x 2-pixel patches (its cost is not the decoder's)
+        spec = replace(spec, patch_size=2)
+        model = build_tiny_qwen_vl(args.family, spec, attn_implementation=args.attn, dtype=dtype).to(args.device)
+    inputs = synthetic_prompt(model, args.text_tokens, args.batch, grid=grid)
+    image = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     shape = DecoderShape.from_config(model.config)
     length = inputs["input_ids"].shape[1]
     for _ in range(2):  # warm-up (allocator, kernels)
@@ -75,11 +84,13 @@ def main() -> None:
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(
-        f"# prefill: preset {args.preset}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
-        f"{spec.image_tokens} visual + {args.text_tokens} text tokens, batch {args.batch}, K={args.layer}, "
+        f"# prefill: {args.family}, preset {args.preset}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
+        f"{image} visual + {args.text_tokens} text tokens, batch {args.batch}, K={args.layer}, "
         f"{args.dtype}, {args.attn}, {device_name}, torch threads {torch.get_num_threads()}"
     )
     methods = args.methods.split(",") if args.methods else method_stages(args.layer)
+    if args.family != "llava" and not args.methods:  # before the LLM is not supported on Qwen-VL yet
+        methods = [method for method in methods if method_spec(method, args.layer)[1] > 0]
     width = max(8, *(len(method) for method in methods))
     print(
         f"{'method':<{width}} {'K':>2} {'kept':>5} {'FLOPs':>7} {'time':>7} {'ideal x':>8} {'measured x':>10} "
@@ -90,7 +101,6 @@ def main() -> None:
         name, layer = method_spec(method, args.layer)
         for tokens in (int(b) for b in args.budgets.split(",")):
             timing = measure(model, inputs, name, tokens, layer, args.repeats)
-            image = spec.image_tokens
             kept = [(stage.layer, length - image + stage.budget.resolve(image)) for stage in timing.pop("stages")]
             flops_ratio = prefill_macs(shape, length, stages=kept) / prefill_macs(shape, length)
             time_ratio = timing["compressed_s"] / timing["full_s"]

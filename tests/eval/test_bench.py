@@ -87,3 +87,17 @@ def test_bench_command_says_what_it_runs_and_records_it(tmp_path, capsys):
     header, table = out.index("epic bench: preset tiny"), out.index("KV MiB")
     assert header < table and "64 visual" in out and "random at 16 from layer 2" in out
     assert (tmp_path / "bench.png").is_file()
+
+
+def test_a_qwen_vl_prompt_holds_one_grid_image_per_row_and_prefills_compressed():
+    import epic
+    from epic.eval.bench import timed_prefill
+    from epic.models.tiny import build_tiny_qwen_vl
+
+    model = build_tiny_qwen_vl("qwen2_5_vl")
+    inputs = synthetic_prompt(model, text_tokens=12, batch=2, grid=(8, 12))
+    assert ((inputs["input_ids"] == model.config.image_token_id).sum(dim=1) == 24).all()  # 8 x 12 patches / 4
+    assert inputs["image_grid_thw"].tolist() == [[1, 8, 12]] * 2
+    with epic.compress(model, "fastv", ratio=0.75) as state:
+        timed_prefill(model, inputs)
+    assert state.image_sizes == [[24], [24]] and [kept.numel() for kept in state.kept] == [6, 6]

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import epic
 from epic.compat import Layout
+from epic.compression.families import GRID_RESOLUTION
 from epic.compression.registry import method_spec
 from epic.eval.cost import DecoderShape, kv_cache_bytes, measured_cache_bytes, prefill_macs
 from epic.models.assemble import visual_tokens
@@ -136,25 +137,44 @@ def _measure_until_stable(
     return prefills, rates, cache, peak
 
 
-def synthetic_prompt(model, text_tokens: int = 40, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A POPE-like prompt for `model`: a few text tokens, one image, a short question (random ids, for cost only)."""
+def synthetic_prompt(
+    model, text_tokens: int = 40, batch: int = 1, seed: int = 0, grid: tuple[int, int] = (72, 72)
+) -> dict[str, torch.Tensor]:
+    """A POPE-like prompt for `model`: a few text tokens, one image, a short question (random ids, for cost only).
+    On Qwen2-VL / Qwen2.5-VL the image is one frame of `grid` (h, w) patches between the vision markers (72 x 72:
+    1,296 tokens, Qwen2.5-VL's count for a 1008 x 1008 image)."""
     config = model.config
     vision = config.vision_config
     generator = torch.Generator().manual_seed(seed)
-    visual = visual_tokens(vision, config.vision_feature_select_strategy)
     vocabulary = config.text_config.vocab_size
+    grid_family = config.model_type in GRID_RESOLUTION
+    specials = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    reserved = min(getattr(config, name) for name in specials if getattr(config, name, None) is not None)
 
     def text(count: int) -> torch.Tensor:
         ids = torch.randint(3, vocabulary, (batch, count), generator=generator)
-        return ids.masked_fill(ids == config.image_token_id, 3)  # text never holds the image token
+        return ids.masked_fill(ids >= reserved, 3)  # text never holds an image or vision-marker token
 
-    ids = torch.cat([text(5), torch.full((batch, visual), config.image_token_id), text(max(text_tokens - 5, 1))], 1)
-    device = next(model.parameters()).device
-    pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    if grid_family:
+        marker = lambda token: torch.full((batch, 1), token)  # noqa: E731
+        tokens = grid[0] * grid[1] // vision.spatial_merge_size**2
+        image = torch.cat([marker(config.vision_start_token_id), torch.full((batch, tokens), config.image_token_id)], 1)
+        ids = torch.cat([text(5), image, marker(config.vision_end_token_id), text(max(text_tokens - 7, 1))], 1)
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.randn(batch * grid[0] * grid[1], patch, generator=generator)
+        extra = {"image_grid_thw": torch.tensor([[1, *grid]] * batch)}
+        extra["mm_token_type_ids"] = (ids == config.image_token_id).long()
+    else:
+        visual = visual_tokens(vision, config.vision_feature_select_strategy)
+        ids = torch.cat([text(5), torch.full((batch, visual), config.image_token_id), text(max(text_tokens - 5, 1))], 1)
+        pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)
+        extra = {}
     return {
         "input_ids": ids.to(device),
         "attention_mask": torch.ones_like(ids).to(device),
-        "pixel_values": pixels.to(device, next(model.parameters()).dtype),
+        "pixel_values": pixels.to(device, dtype),
+        **{key: value.to(device) for key, value in extra.items()},
     }
 
 

@@ -33,6 +33,23 @@ class Row:
     answer: int = 3
 
 
+def padded(
+    sequences: list[torch.Tensor], supervised: list[torch.Tensor], padding_side: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, 2D mask and labels (-100 outside the `supervised` positions and padding) of the sequences padded
+    to one length on `padding_side`."""
+    length = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), length), PAD_ID)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    label_ids = torch.full((len(sequences), length), -100)
+    for i, (seq, sup) in enumerate(zip(sequences, supervised, strict=True)):
+        span = slice(0, len(seq)) if padding_side == "right" else slice(length - len(seq), length)
+        input_ids[i, span] = seq
+        attention_mask[i, span] = 1
+        label_ids[i, span] = torch.where(sup, seq, -100)
+    return input_ids, attention_mask, label_ids
+
+
 def make_batch(
     spec: TinyLlavaSpec, rows: list[Row], padding_side: str = "right", seed: int = 0, labels: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -49,15 +66,7 @@ def make_batch(
         sequences.append(torch.cat([prompt, answer]))
         is_answer = torch.cat([torch.zeros(len(prompt)), torch.ones(len(answer))]).bool()
         supervised.append(is_answer)
-    length = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(rows), length), PAD_ID)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    label_ids = torch.full((len(rows), length), -100)
-    for i, (seq, sup) in enumerate(zip(sequences, supervised, strict=True)):
-        span = slice(0, len(seq)) if padding_side == "right" else slice(length - len(seq), length)
-        input_ids[i, span] = seq
-        attention_mask[i, span] = 1
-        label_ids[i, span] = torch.where(sup, seq, -100)
+    input_ids, attention_mask, label_ids = padded(sequences, supervised, padding_side)
     n_images = sum(row.images for row in rows)
     pixel_values = torch.randn(n_images, 3, spec.image_size, spec.image_size, generator=generator)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -275,15 +284,7 @@ def make_grid_batch(
         answer = text(row.answer) if labels else torch.empty(0, dtype=torch.long)
         sequences.append(torch.cat([prompt, answer]))
         supervised.append(torch.cat([torch.zeros(len(prompt)), torch.ones(len(answer))]).bool())
-    length = max(len(seq) for seq in sequences)
-    input_ids = torch.full((len(rows), length), PAD_ID)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    label_ids = torch.full((len(rows), length), -100)
-    for i, (seq, sup) in enumerate(zip(sequences, supervised, strict=True)):
-        span = slice(0, len(seq)) if padding_side == "right" else slice(length - len(seq), length)
-        input_ids[i, span] = seq
-        attention_mask[i, span] = 1
-        label_ids[i, span] = torch.where(sup, seq, -100)
+    input_ids, attention_mask, label_ids = padded(sequences, supervised, padding_side)
     batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
